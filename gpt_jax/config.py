@@ -1,0 +1,190 @@
+"""Configuration validation and the one-line error every entry point gives.
+
+`validate(config)` is called once, at start-up, by every entry point; a bad
+value raises `ConfigError` naming the dotted field and what is allowed.
+`cli_main` turns any `UserError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import ml_collections
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ATTENTION_KINDS = ("dense", "local")
+
+
+class UserError(Exception):
+  """Bad input from the user (config, data, files): reported in one line, exit 2."""
+
+
+class ConfigError(UserError):
+  pass
+
+
+def cli_main(fn):
+  """Wraps an absl `main(argv)`: a UserError becomes `error: ...` and exit 2."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  return wrapper
+
+
+def _fail(field: str, value, allowed: str):
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _positive_int(config, *fields):
+  for f in fields:
+    v = _get(config, f)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      _fail(f, v, "must be a positive integer")
+
+
+def _non_negative(config, *fields):
+  for f in fields:
+    v = _get(config, f)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+      _fail(f, v, "must be a number >= 0")
+
+
+def _one_of(config, field, allowed):
+  v = _get(config, field)
+  if v not in allowed:
+    _fail(field, v, "allowed values are " + ", ".join(repr(a) for a in allowed))
+
+
+def _in_range(config, field, lo, hi, hi_inclusive=False):
+  v = _get(config, field)
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v <= hi if hi_inclusive else v < hi)
+  if not ok:
+    _fail(field, v, f"must be in [{lo}, {hi}{']' if hi_inclusive else ')'}")
+
+
+def normalize_pattern(value) -> tuple[str, ...]:
+  """attention_pattern from the command line may be "dense,local"."""
+  if isinstance(value, str):
+    value = [p.strip() for p in value.replace("(", "").replace(")", "").replace("'", "").split(",")]
+    value = [p for p in value if p]
+  return tuple(value)
+
+
+def validate_model(m, prefix: str = "model") -> None:
+  """Checks a `config.model` ConfigDict (also used for imported HF configs)."""
+  cfg = ml_collections.ConfigDict({prefix: m})
+  _positive_int(cfg, *(f"{prefix}.{f}" for f in (
+      "vocab_size", "block_size", "num_layers", "num_heads", "d_model", "mlp_ratio",
+      "vocab_pad_multiple")))
+  if m.d_model % m.num_heads:
+    _fail(f"{prefix}.num_heads", m.num_heads,
+          f"must divide {prefix}.d_model={m.d_model} (head dim = d_model / num_heads)")
+  _one_of(cfg, f"{prefix}.norm_position", ("pre", "post"))
+  _one_of(cfg, f"{prefix}.activation", ("gelu_tanh", "gelu"))
+  _one_of(cfg, f"{prefix}.attention_impl", ("xla", "dot_product_attention"))
+  _one_of(cfg, f"{prefix}.dtype", DTYPE_NAMES)
+  _one_of(cfg, f"{prefix}.param_dtype", DTYPE_NAMES)
+  _one_of(cfg, f"{prefix}.remat", ("none", "full", "dots_saveable"))
+  if not isinstance(m.scan_layers, bool):
+    _fail(f"{prefix}.scan_layers", m.scan_layers, "must be True or False")
+  if not isinstance(m.scale_residual_init, bool):
+    _fail(f"{prefix}.scale_residual_init", m.scale_residual_init, "must be True or False")
+  _non_negative(cfg, f"{prefix}.init_std", f"{prefix}.layer_norm_epsilon")
+  for f in ("embd_dropout", "attn_dropout", "resid_dropout"):
+    _in_range(cfg, f"{prefix}.{f}", 0.0, 1.0)
+  pattern = m.attention_pattern
+  if (not isinstance(pattern, (tuple, list)) or not pattern
+      or any(p not in ATTENTION_KINDS for p in pattern)):
+    _fail(f"{prefix}.attention_pattern", pattern,
+          "must be a non-empty sequence of " + " / ".join(repr(k) for k in ATTENTION_KINDS))
+  if "local" in pattern:
+    _positive_int(cfg, f"{prefix}.local_window")
+    if m.local_window > m.block_size:
+      _fail(f"{prefix}.local_window", m.local_window,
+            f"must be <= {prefix}.block_size={m.block_size}")
+  if m.attention_impl == "dot_product_attention" and m.attn_dropout > 0:
+    _fail(f"{prefix}.attn_dropout", m.attn_dropout,
+          f"must be 0 with {prefix}.attention_impl='dot_product_attention' (it has no attention dropout)")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field; normalises a few; returns the same config."""
+  with config.unlocked():
+    config.model.attention_pattern = normalize_pattern(config.model.attention_pattern)
+  validate_model(config.model)
+  _one_of(config, "job", ("pretrain", "finetune"))
+
+  _one_of(config, "data.source", ("shakespeare", "files", "tfds"))
+  if config.data.source == "files" and not config.data.paths:
+    _fail("data.paths", config.data.paths, "give comma-separated globs when data.source='files'")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    _fail("data.tfds_name", config.data.tfds_name, "give a TFDS dataset name when data.source='tfds'")
+  _one_of(config, "data.tokenizer", ("gpt2", "bpe"))
+  if config.data.tokenizer == "bpe" and not 257 <= config.data.bpe_vocab_size <= config.model.vocab_size:
+    _fail("data.bpe_vocab_size", config.data.bpe_vocab_size,
+          f"must be in [257, model.vocab_size={config.model.vocab_size}] (256 bytes + <|endoftext|> at least)")
+  if not config.data.eval_split:
+    _in_range(config, "data.val_fraction", 0.0, 1.0)
+    if config.data.val_fraction <= 0:
+      _fail("data.val_fraction", config.data.val_fraction, "must be > 0 when data.eval_split is empty")
+  _non_negative(config, "data.num_workers", "data.max_documents", "data.shuffle_seed")
+  _positive_int(config, "data.prefetch")
+
+  _positive_int(config, "train.batch_size", "train.grad_accum_steps", "train.max_bad_steps")
+  _non_negative(config, "train.num_steps", "train.seq_len")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
+          f"must divide train.batch_size={config.train.batch_size}")
+  if config.train.seq_len > config.model.block_size:
+    _fail("train.seq_len", config.train.seq_len, f"must be <= model.block_size={config.model.block_size}")
+
+  o = "optim"
+  _in_range(config, f"{o}.lr", 0.0, float("inf"))
+  if config.optim.lr <= 0:
+    _fail(f"{o}.lr", config.optim.lr, "must be > 0")
+  _non_negative(config, f"{o}.warmup_steps", f"{o}.weight_decay", f"{o}.grad_clip", f"{o}.eps")
+  _one_of(config, f"{o}.schedule", ("cosine", "linear", "constant"))
+  _in_range(config, f"{o}.min_lr_ratio", 0.0, 1.0, hi_inclusive=True)
+  _in_range(config, f"{o}.b1", 0.0, 1.0)
+  _in_range(config, f"{o}.b2", 0.0, 1.0)
+
+  _positive_int(config, "checkpoint.every_steps", "checkpoint.keep")
+  _non_negative(config, "eval.every_steps", "eval.num_batches", "eval.batch_size")
+  _positive_int(config, "log.every_steps")
+  _non_negative(config, "log.peak_flops", "log.profile_steps")
+
+  axes = ("data", "fsdp", "tensor")
+  for a in axes:
+    v = config.mesh[a]
+    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+      _fail(f"mesh.{a}", v, "must be a positive integer or -1 (all remaining devices)")
+  if sum(config.mesh[a] == -1 for a in axes) > 1:
+    _fail("mesh", {a: config.mesh[a] for a in axes}, "at most one of data/fsdp/tensor may be -1")
+  if config.model.num_heads % max(config.mesh.tensor, 1):
+    _fail("mesh.tensor", config.mesh.tensor, f"must divide model.num_heads={config.model.num_heads}")
+
+  _non_negative(config, "sample.num_samples", "sample.max_new_tokens", "sample.temperature",
+                "sample.top_k")
+  _in_range(config, "sample.top_p", 0.0, 1.0, hi_inclusive=True)
+  if config.sample.top_p <= 0:
+    _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
+  return config
+
+
+def seq_len(config) -> int:
+  """Training sequence length: train.seq_len or the model's full context."""
+  return config.train.seq_len or config.model.block_size

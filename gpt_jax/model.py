@@ -1,0 +1,311 @@
+"""Decoder-only GPT transformers as Flax Linen modules.
+
+One `GPT` module serves GPT-1 (post-LN), GPT-2 (pre-LN, depth-scaled init)
+and GPT-3-style alternating dense / locally banded attention, for training,
+evaluation, KV-cache sampling and fine-tuning. It reads its hyper-parameters
+from a `config.model` ConfigDict (see configs/base.py) or any object with the
+same attributes.
+
+Shape suffixes: B batch, T query positions, S key positions (cache slots),
+D d_model, H heads, K head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# A window no sequence reaches: what a dense layer gets when windows are traced.
+_NO_WINDOW = 2**30
+
+
+def padded_vocab_size(cfg) -> int:
+  """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
+  m = cfg.vocab_pad_multiple
+  return -(-cfg.vocab_size // m) * m
+
+
+def layer_windows(cfg) -> list[int | None]:
+  """Attention window of each layer: None (dense) or cfg.local_window."""
+  pattern = tuple(cfg.attention_pattern)
+  return [
+      None if pattern[i % len(pattern)] == "dense" else cfg.local_window
+      for i in range(cfg.num_layers)
+  ]
+
+
+def residual_init_std(cfg) -> float:
+  """Init std of the two residual output projections of each block.
+
+  GPT-2 §2.3 scales them by 1/sqrt(N) with N = 2 residual layers per block
+  (attention and MLP), so the residual stream's variance at init does not
+  grow with depth.
+  """
+  if cfg.scale_residual_init:
+    return cfg.init_std / np.sqrt(2 * cfg.num_layers)
+  return cfg.init_std
+
+
+def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None):
+  """[B, 1, T, S] bool: key s visible to query t (causal, banded, valid)."""
+  diff_BTS = q_slot_BT[:, :, None] - k_slot_S[None, None, :]
+  mask_BTS = diff_BTS >= 0
+  if window is not None:
+    mask_BTS = mask_BTS & (diff_BTS < window)
+  if key_valid_BS is not None:
+    mask_BTS = mask_BTS & key_valid_BS[:, None, :]
+  return mask_BTS[:, None]
+
+
+def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache for `max_len` slots (prompt + generated tokens).
+
+  `k`/`v`: [L, B, S, H, K] in the compute dtype; `end`: slots filled so far
+  (shared by the batch: ragged prompts are left-padded and their pad slots
+  masked through `key_valid_BS`).
+  """
+  if max_len > cfg.block_size:
+    raise ValueError(f"cache of {max_len} slots exceeds model.block_size={cfg.block_size}")
+  dtype = dtype or DTYPES[cfg.dtype]
+  head_dim = cfg.d_model // cfg.num_heads
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "end": jnp.zeros((), jnp.int32)}
+
+
+def _normal(std, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class LayerNorm(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    # Flax computes the mean and variance in (at least) float32.
+    return nn.LayerNorm(
+        epsilon=self.cfg.layer_norm_epsilon,
+        dtype=DTYPES[self.cfg.dtype],
+        param_dtype=DTYPES[self.cfg.param_dtype],
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)),
+        name="ln",
+    )(x_BTD)
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: Any
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BTD, window, ctx, kv):
+    cfg = self.cfg
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
+    qkv_B3THK = nn.DenseGeneral(
+        features=(3, H, K), axis=-1, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_normal(cfg.init_std, ("embed", "qkv", "heads", "kv")),
+        bias_init=_zeros(("qkv", "heads", "kv")), name="c_attn",
+    )(x_BTD)
+    q_BTHK, k_BTHK, v_BTHK = (qkv_B3THK[:, :, i] for i in range(3))
+    q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", "kv"))
+
+    if kv is None:  # Training / full forward: keys are the queries' positions.
+      k_BSHK, v_BSHK, new_kv = k_BTHK, v_BTHK, None
+    else:  # Decoding: write this chunk into the cache at slot `end`.
+      end = ctx["end"]
+      k_BSHK = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BTHK.astype(kv[0].dtype), end, 1)
+      v_BSHK = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BTHK.astype(kv[1].dtype), end, 1)
+      new_kv = (k_BSHK, v_BSHK)
+
+    dropout_rate = 0.0 if self.deterministic else cfg.attn_dropout
+    full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
+    if cfg.attention_impl == "dot_product_attention":
+      out_BTHK = jax.nn.dot_product_attention(
+          q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype),
+          mask=None if full_causal else self._mask(ctx, window, k_BSHK.shape[1]),
+          is_causal=full_causal,
+      )
+    else:
+      scale = 1.0 / np.sqrt(K)
+      logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK.astype(dtype),
+                               preferred_element_type=jnp.float32) * scale
+      mask = self._mask(ctx, window, k_BSHK.shape[1])
+      logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+      probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
+      probs_BHTS = nn.Dropout(dropout_rate)(probs_BHTS, deterministic=dropout_rate == 0.0)
+      out_BTHK = jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK.astype(dtype))
+    out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "act_heads", "kv"))
+    out_BTD = nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_normal(residual_init_std(cfg), ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)), name="c_proj",
+    )(out_BTHK)
+    return out_BTD, new_kv
+
+  def _mask(self, ctx, window, num_keys):
+    return attention_mask(ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"])
+
+
+class MLP(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    h_BTF = nn.Dense(
+        cfg.mlp_ratio * cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_normal(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+        name="c_fc",
+    )(x_BTD)
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
+    h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.activation == "gelu_tanh")
+    return nn.Dense(
+        cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_normal(residual_init_std(cfg), ("mlp", "embed")), bias_init=_zeros(("embed",)),
+        name="c_proj",
+    )(h_BTF)
+
+
+class Block(nn.Module):
+  """One transformer block. `window` (static) is overridden by `xs[0]` when traced.
+
+  Call signature `(x, xs, ctx) -> (x, ys)` is nn.scan's: `xs` = (window or
+  None, this layer's (k, v) cache or None) is scanned over layers, `ctx`
+  (query slots, key validity, cache end) is shared by all layers.
+  """
+
+  cfg: Any
+  deterministic: bool
+  window: int | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD, xs, ctx):
+    cfg = self.cfg
+    window_dyn, kv = xs
+    window = self.window if window_dyn is None else window_dyn
+    drop = functools.partial(nn.Dropout(cfg.resid_dropout), deterministic=self.deterministic)
+    attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
+    mlp = MLP(cfg, name="mlp")
+    if cfg.norm_position == "pre":  # GPT-2
+      h_BTD, new_kv = attn(LayerNorm(cfg, name="ln_1")(x_BTD), window, ctx, kv)
+      x_BTD = x_BTD + drop(h_BTD)
+      x_BTD = x_BTD + drop(mlp(LayerNorm(cfg, name="ln_2")(x_BTD)))
+    else:  # GPT-1: LayerNorm after each residual add.
+      h_BTD, new_kv = attn(x_BTD, window, ctx, kv)
+      x_BTD = LayerNorm(cfg, name="ln_1")(x_BTD + drop(h_BTD))
+      x_BTD = LayerNorm(cfg, name="ln_2")(x_BTD + drop(mlp(x_BTD)))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+    return x_BTD, new_kv
+
+
+class GPT(nn.Module):
+  """GPT language model. `cfg` is `config.model` (see configs/base.py)."""
+
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens_BT, *, deterministic: bool = True, positions_BT=None,
+               cache: dict | None = None, key_valid_BS=None, return_hidden: bool = False):
+    """Logits [B, T, V] in float32 for `tokens_BT` (int32 [B, T]).
+
+    Args:
+      deterministic: False enables dropout (needs a "dropout" rng).
+      positions_BT: position ids; default arange(T) (+ cache end).
+      cache: from `init_cache`; the tokens are written at its `end` slot and
+        attend to every filled slot. Returns (logits, new_cache) when given.
+      key_valid_BS: bool [B, S]; False marks key slots (e.g. left padding)
+        that no query may attend to. S = T without cache, cache slots with.
+      return_hidden: also return the final hidden states [B, T, D] (after the
+        final LayerNorm for pre-LN), e.g. for classification heads.
+    """
+    cfg = self.cfg
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    B, T = tokens_BT.shape
+    start = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
+    if cache is None and T > cfg.block_size:
+      raise ValueError(f"sequence of {T} tokens exceeds model.block_size={cfg.block_size}")
+    q_slot_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if positions_BT is None:
+      positions_BT = q_slot_BT
+
+    wte_VD = self.param("wte", _normal(cfg.init_std, ("vocab", "embed")),
+                        (padded_vocab_size(cfg), cfg.d_model), param_dtype)
+    wpe_PD = self.param("wpe", _normal(cfg.init_std, ("positions", "embed")),
+                        (cfg.block_size, cfg.d_model), param_dtype)
+    x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)).astype(dtype)
+    x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
+
+    ctx = {"q_slot_BT": q_slot_BT, "key_valid_BS": key_valid_BS, "end": start}
+    windows = layer_windows(cfg)
+    block_cls = Block
+    if cfg.remat != "none":
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    kv_L = None if cache is None else (cache["k"], cache["v"])
+
+    if cfg.scan_layers:
+      uniform = len(set(windows)) == 1
+      window_L = None if uniform else jnp.array([w or _NO_WINDOW for w in windows], jnp.int32)
+      stack = nn.scan(
+          block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, deterministic, windows[0] if uniform else None, name="blocks")
+      x_BTD, new_kv_L = stack(x_BTD, (window_L, kv_L), ctx)
+    else:
+      new_kv = []
+      for i, window in enumerate(windows):
+        kv = None if kv_L is None else (kv_L[0][i], kv_L[1][i])
+        x_BTD, layer_kv = block_cls(cfg, deterministic, window, name=f"block_{i}")(x_BTD, (None, kv), ctx)
+        new_kv.append(layer_kv)
+      new_kv_L = None if cache is None else tuple(jnp.stack(t) for t in zip(*new_kv))
+
+    if cfg.norm_position == "pre":
+      x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
+    # Tied LM head (GPT-1/2): logits = h @ wte^T, accumulated in float32.
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dtype),
+                            preferred_element_type=jnp.float32)[..., : cfg.vocab_size]
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+    out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
+    if cache is None:
+      return out
+    new_cache = {"k": new_kv_L[0], "v": new_kv_L[1], "end": start + T}
+    return out, new_cache
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def abstract_params(cfg, batch_size: int = 1):
+  """Parameter shapes (boxed with logical axes) via jax.eval_shape: no memory."""
+  tokens = jax.ShapeDtypeStruct((batch_size, min(cfg.block_size, 8)), jnp.int32)
+  return jax.eval_shape(lambda t: GPT(cfg).init(jax.random.key(0), t)["params"], tokens)
+
+
+def init_params(cfg, rng):
+  """Randomly initialised parameters (plain arrays, logical boxes removed)."""
+  tokens = jnp.zeros((1, min(cfg.block_size, 8)), jnp.int32)
+  return nn.unbox(GPT(cfg).init(rng, tokens)["params"])
+
+
+def logical_specs(cfg):
+  """PartitionSpecs of logical axis names, one per parameter (no memory)."""
+  return nn.get_partition_spec(abstract_params(cfg))
