@@ -157,20 +157,20 @@ def get_config() -> ml_collections.ConfigDict:
   # tensor parallelism splits heads / MLP / vocab. Activations: the batch is
   # split over data x fsdp.
   h.rules = (
-      ("batch", ("data", "fsdp")),
-      ("length", None),
-      ("embed", "fsdp"),
-      ("act_embed", None),
-      ("heads", "tensor"),
-      ("kv", None),
-      ("mlp", "tensor"),
-      ("act_mlp", "tensor"),
-      ("act_heads", "tensor"),
-      ("vocab", "tensor"),
-      ("act_vocab", "tensor"),
-      ("layers", None),
-      ("qkv", None),
-      ("positions", None),
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("qkv", None),
+    ("positions", None),
   )
 
   # --------------------------------------------------------------- sample

@@ -5,8 +5,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.model.update(vocab_size=320, block_size=32, num_layers=2, d_model=32, num_heads=4,
-                 local_window=8)
+  c.model.update(vocab_size=320, block_size=32, num_layers=2, d_model=32, num_heads=4, local_window=8)
   c.data.update(tokenizer="bpe", bpe_vocab_size=320, max_documents=200)
   c.train.update(batch_size=8, num_steps=10)
   c.optim.update(lr=1e-3, warmup_steps=2)

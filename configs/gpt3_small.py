@@ -11,9 +11,16 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  c.model.update(block_size=2048, num_layers=12, d_model=768, num_heads=12,
-                 attention_pattern=("dense", "local"), local_window=256,
-                 dtype="bfloat16", scan_layers=True)
+  c.model.update(
+    block_size=2048,
+    num_layers=12,
+    d_model=768,
+    num_heads=12,
+    attention_pattern=("dense", "local"),
+    local_window=256,
+    dtype="bfloat16",
+    scan_layers=True,
+  )
   c.train.batch_size = 256
   c.train.num_steps = 500_000  # 260B tokens / 0.5M tokens per step.
   c.optim.update(lr=6e-4, warmup_steps=715, min_lr_ratio=0.1)

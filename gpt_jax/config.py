@@ -71,7 +71,12 @@ def _one_of(config, field, allowed):
 
 def _in_range(config, field, lo, hi, hi_inclusive=False):
   v = _get(config, field)
-  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v <= hi if hi_inclusive else v < hi)
+  ok = (
+    isinstance(v, (int, float))
+    and not isinstance(v, bool)
+    and lo <= v
+    and (v <= hi if hi_inclusive else v < hi)
+  )
   if not ok:
     _fail(field, v, f"must be in [{lo}, {hi}{']' if hi_inclusive else ')'}")
 
@@ -87,12 +92,27 @@ def normalize_pattern(value) -> tuple[str, ...]:
 def validate_model(m, prefix: str = "model") -> None:
   """Checks a `config.model` ConfigDict (also used for imported HF configs)."""
   cfg = ml_collections.ConfigDict({prefix: m})
-  _positive_int(cfg, *(f"{prefix}.{f}" for f in (
-      "vocab_size", "block_size", "num_layers", "num_heads", "d_model", "mlp_ratio",
-      "vocab_pad_multiple")))
+  _positive_int(
+    cfg,
+    *(
+      f"{prefix}.{f}"
+      for f in (
+        "vocab_size",
+        "block_size",
+        "num_layers",
+        "num_heads",
+        "d_model",
+        "mlp_ratio",
+        "vocab_pad_multiple",
+      )
+    ),
+  )
   if m.d_model % m.num_heads:
-    _fail(f"{prefix}.num_heads", m.num_heads,
-          f"must divide {prefix}.d_model={m.d_model} (head dim = d_model / num_heads)")
+    _fail(
+      f"{prefix}.num_heads",
+      m.num_heads,
+      f"must divide {prefix}.d_model={m.d_model} (head dim = d_model / num_heads)",
+    )
   _one_of(cfg, f"{prefix}.norm_position", ("pre", "post"))
   _one_of(cfg, f"{prefix}.activation", ("gelu_tanh", "gelu"))
   _one_of(cfg, f"{prefix}.attention_impl", ("xla", "dot_product_attention"))
@@ -107,18 +127,22 @@ def validate_model(m, prefix: str = "model") -> None:
   for f in ("embd_dropout", "attn_dropout", "resid_dropout"):
     _in_range(cfg, f"{prefix}.{f}", 0.0, 1.0)
   pattern = m.attention_pattern
-  if (not isinstance(pattern, (tuple, list)) or not pattern
-      or any(p not in ATTENTION_KINDS for p in pattern)):
-    _fail(f"{prefix}.attention_pattern", pattern,
-          "must be a non-empty sequence of " + " / ".join(repr(k) for k in ATTENTION_KINDS))
+  if not isinstance(pattern, (tuple, list)) or not pattern or any(p not in ATTENTION_KINDS for p in pattern):
+    _fail(
+      f"{prefix}.attention_pattern",
+      pattern,
+      "must be a non-empty sequence of " + " / ".join(repr(k) for k in ATTENTION_KINDS),
+    )
   if "local" in pattern:
     _positive_int(cfg, f"{prefix}.local_window")
     if m.local_window > m.block_size:
-      _fail(f"{prefix}.local_window", m.local_window,
-            f"must be <= {prefix}.block_size={m.block_size}")
+      _fail(f"{prefix}.local_window", m.local_window, f"must be <= {prefix}.block_size={m.block_size}")
   if m.attention_impl == "dot_product_attention" and m.attn_dropout > 0:
-    _fail(f"{prefix}.attn_dropout", m.attn_dropout,
-          f"must be 0 with {prefix}.attention_impl='dot_product_attention' (it has no attention dropout)")
+    _fail(
+      f"{prefix}.attn_dropout",
+      m.attn_dropout,
+      f"must be 0 with {prefix}.attention_impl='dot_product_attention' (it has no attention dropout)",
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -135,8 +159,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.tfds_name", config.data.tfds_name, "give a TFDS dataset name when data.source='tfds'")
   _one_of(config, "data.tokenizer", ("gpt2", "bpe"))
   if config.data.tokenizer == "bpe" and not 257 <= config.data.bpe_vocab_size <= config.model.vocab_size:
-    _fail("data.bpe_vocab_size", config.data.bpe_vocab_size,
-          f"must be in [257, model.vocab_size={config.model.vocab_size}] (256 bytes + <|endoftext|> at least)")
+    _fail(
+      "data.bpe_vocab_size",
+      config.data.bpe_vocab_size,
+      f"must be in [257, model.vocab_size={config.model.vocab_size}] (256 bytes + <|endoftext|> at least)",
+    )
   if not config.data.eval_split:
     _in_range(config, "data.val_fraction", 0.0, 1.0)
     if config.data.val_fraction <= 0:
@@ -147,8 +174,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive_int(config, "train.batch_size", "train.grad_accum_steps", "train.max_bad_steps")
   _non_negative(config, "train.num_steps", "train.seq_len")
   if config.train.batch_size % config.train.grad_accum_steps:
-    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
-          f"must divide train.batch_size={config.train.batch_size}")
+    _fail(
+      "train.grad_accum_steps",
+      config.train.grad_accum_steps,
+      f"must divide train.batch_size={config.train.batch_size}",
+    )
   if config.train.seq_len > config.model.block_size:
     _fail("train.seq_len", config.train.seq_len, f"must be <= model.block_size={config.model.block_size}")
 
@@ -177,8 +207,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.model.num_heads % max(config.mesh.tensor, 1):
     _fail("mesh.tensor", config.mesh.tensor, f"must divide model.num_heads={config.model.num_heads}")
 
-  _non_negative(config, "sample.num_samples", "sample.max_new_tokens", "sample.temperature",
-                "sample.top_k")
+  _non_negative(config, "sample.num_samples", "sample.max_new_tokens", "sample.temperature", "sample.top_k")
   _in_range(config, "sample.top_p", 0.0, 1.0, hi_inclusive=True)
   if config.sample.top_p <= 0:
     _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")

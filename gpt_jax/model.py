@@ -22,9 +22,9 @@ import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # A window no sequence reaches: what a dense layer gets when windows are traced.
 _NO_WINDOW = 2**30
@@ -39,10 +39,7 @@ def padded_vocab_size(cfg) -> int:
 def layer_windows(cfg) -> list[int | None]:
   """Attention window of each layer: None (dense) or cfg.local_window."""
   pattern = tuple(cfg.attention_pattern)
-  return [
-      None if pattern[i % len(pattern)] == "dense" else cfg.local_window
-      for i in range(cfg.num_layers)
-  ]
+  return [None if pattern[i % len(pattern)] == "dense" else cfg.local_window for i in range(cfg.num_layers)]
 
 
 def residual_init_std(cfg) -> float:
@@ -80,8 +77,7 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   dtype = dtype or DTYPES[cfg.dtype]
   head_dim = cfg.d_model // cfg.num_heads
   shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "end": jnp.zeros((), jnp.int32)}
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((), jnp.int32)}
 
 
 def _normal(std, axes):
@@ -99,12 +95,12 @@ class LayerNorm(nn.Module):
   def __call__(self, x_BTD):
     # Flax computes the mean and variance in (at least) float32.
     return nn.LayerNorm(
-        epsilon=self.cfg.layer_norm_epsilon,
-        dtype=DTYPES[self.cfg.dtype],
-        param_dtype=DTYPES[self.cfg.param_dtype],
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-        bias_init=_zeros(("embed",)),
-        name="ln",
+      epsilon=self.cfg.layer_norm_epsilon,
+      dtype=DTYPES[self.cfg.dtype],
+      param_dtype=DTYPES[self.cfg.param_dtype],
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=_zeros(("embed",)),
+      name="ln",
     )(x_BTD)
 
 
@@ -118,9 +114,13 @@ class CausalSelfAttention(nn.Module):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
     qkv_B3THK = nn.DenseGeneral(
-        features=(3, H, K), axis=-1, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_normal(cfg.init_std, ("embed", "qkv", "heads", "kv")),
-        bias_init=_zeros(("qkv", "heads", "kv")), name="c_attn",
+      features=(3, H, K),
+      axis=-1,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_normal(cfg.init_std, ("embed", "qkv", "heads", "kv")),
+      bias_init=_zeros(("qkv", "heads", "kv")),
+      name="c_attn",
     )(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = (qkv_B3THK[:, :, i] for i in range(3))
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", "kv"))
@@ -137,14 +137,18 @@ class CausalSelfAttention(nn.Module):
     full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
     if cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
-          q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype),
-          mask=None if full_causal else self._mask(ctx, window, k_BSHK.shape[1]),
-          is_causal=full_causal,
+        q_BTHK,
+        k_BSHK.astype(dtype),
+        v_BSHK.astype(dtype),
+        mask=None if full_causal else self._mask(ctx, window, k_BSHK.shape[1]),
+        is_causal=full_causal,
       )
     else:
       scale = 1.0 / np.sqrt(K)
-      logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK.astype(dtype),
-                               preferred_element_type=jnp.float32) * scale
+      logits_BHTS = (
+        jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK.astype(dtype), preferred_element_type=jnp.float32)
+        * scale
+      )
       mask = self._mask(ctx, window, k_BSHK.shape[1])
       logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
       probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
@@ -152,9 +156,13 @@ class CausalSelfAttention(nn.Module):
       out_BTHK = jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK.astype(dtype))
     out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "act_heads", "kv"))
     out_BTD = nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_normal(residual_init_std(cfg), ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)), name="c_proj",
+      features=cfg.d_model,
+      axis=(-2, -1),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_normal(residual_init_std(cfg), ("heads", "kv", "embed")),
+      bias_init=_zeros(("embed",)),
+      name="c_proj",
     )(out_BTHK)
     return out_BTD, new_kv
 
@@ -170,16 +178,22 @@ class MLP(nn.Module):
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     h_BTF = nn.Dense(
-        cfg.mlp_ratio * cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_normal(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
-        name="c_fc",
+      cfg.mlp_ratio * cfg.d_model,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_normal(cfg.init_std, ("embed", "mlp")),
+      bias_init=_zeros(("mlp",)),
+      name="c_fc",
     )(x_BTD)
     h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
     h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.activation == "gelu_tanh")
     return nn.Dense(
-        cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_normal(residual_init_std(cfg), ("mlp", "embed")), bias_init=_zeros(("embed",)),
-        name="c_proj",
+      cfg.d_model,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_normal(residual_init_std(cfg), ("mlp", "embed")),
+      bias_init=_zeros(("embed",)),
+      name="c_proj",
     )(h_BTF)
 
 
@@ -221,8 +235,16 @@ class GPT(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, tokens_BT, *, deterministic: bool = True, positions_BT=None,
-               cache: dict | None = None, key_valid_BS=None, return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens_BT,
+    *,
+    deterministic: bool = True,
+    positions_BT=None,
+    cache: dict | None = None,
+    key_valid_BS=None,
+    return_hidden: bool = False,
+  ):
     """Logits [B, T, V] in float32 for `tokens_BT` (int32 [B, T]).
 
     Args:
@@ -245,10 +267,12 @@ class GPT(nn.Module):
     if positions_BT is None:
       positions_BT = q_slot_BT
 
-    wte_VD = self.param("wte", _normal(cfg.init_std, ("vocab", "embed")),
-                        (padded_vocab_size(cfg), cfg.d_model), param_dtype)
-    wpe_PD = self.param("wpe", _normal(cfg.init_std, ("positions", "embed")),
-                        (cfg.block_size, cfg.d_model), param_dtype)
+    wte_VD = self.param(
+      "wte", _normal(cfg.init_std, ("vocab", "embed")), (padded_vocab_size(cfg), cfg.d_model), param_dtype
+    )
+    wpe_PD = self.param(
+      "wpe", _normal(cfg.init_std, ("positions", "embed")), (cfg.block_size, cfg.d_model), param_dtype
+    )
     x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)).astype(dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
@@ -264,9 +288,12 @@ class GPT(nn.Module):
       uniform = len(set(windows)) == 1
       window_L = None if uniform else jnp.array([w or _NO_WINDOW for w in windows], jnp.int32)
       stack = nn.scan(
-          block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, deterministic, windows[0] if uniform else None, name="blocks")
       x_BTD, new_kv_L = stack(x_BTD, (window_L, kv_L), ctx)
     else:
@@ -280,8 +307,9 @@ class GPT(nn.Module):
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
     # Tied LM head (GPT-1/2): logits = h @ wte^T, accumulated in float32.
-    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dtype),
-                            preferred_element_type=jnp.float32)[..., : cfg.vocab_size]
+    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dtype), preferred_element_type=jnp.float32)[
+      ..., : cfg.vocab_size
+    ]
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
     out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
     if cache is None:
