@@ -104,6 +104,31 @@ class LayerNorm(nn.Module):
     )(x_BTD)
 
 
+class Projection(nn.Module):
+  """x @ kernel + bias, contracting the last `num_in` axes of x.
+
+  The kernel is created at its full logical shape (e.g. [D, 3, H, K]) so each
+  axis carries its logical name; flax's DenseGeneral builds a flat kernel and
+  reshapes it, which logical sharding constraints cannot follow.
+  """
+
+  cfg: Any
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # Logical names of the kernel: input axes, then output axes.
+  std: float
+  num_in: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    dtype, param_dtype = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+    in_shape = x.shape[x.ndim - self.num_in :]
+    kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
+    bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
+    ins, outs = "abcd"[: self.num_in], "efgh"[: len(self.features)]
+    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype))
+    return y + bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
 class CausalSelfAttention(nn.Module):
   cfg: Any
   deterministic: bool
@@ -111,18 +136,12 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, window, ctx, kv):
     cfg = self.cfg
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    dtype = DTYPES[cfg.dtype]
     H, K = cfg.num_heads, cfg.d_model // cfg.num_heads
-    qkv_B3THK = nn.DenseGeneral(
-      features=(3, H, K),
-      axis=-1,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_normal(cfg.init_std, ("embed", "qkv", "heads", "kv")),
-      bias_init=_zeros(("qkv", "heads", "kv")),
-      name="c_attn",
-    )(x_BTD)
-    q_BTHK, k_BTHK, v_BTHK = (qkv_B3THK[:, :, i] for i in range(3))
+    qkv_BT3HK = Projection(cfg, (3, H, K), ("embed", "qkv", "heads", "kv"), cfg.init_std, name="c_attn")(
+      x_BTD
+    )
+    q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", "kv"))
 
     if kv is None:  # Training / full forward: keys are the queries' positions.
@@ -155,14 +174,8 @@ class CausalSelfAttention(nn.Module):
       probs_BHTS = nn.Dropout(dropout_rate)(probs_BHTS, deterministic=dropout_rate == 0.0)
       out_BTHK = jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK.astype(dtype))
     out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "act_heads", "kv"))
-    out_BTD = nn.DenseGeneral(
-      features=cfg.d_model,
-      axis=(-2, -1),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_normal(residual_init_std(cfg), ("heads", "kv", "embed")),
-      bias_init=_zeros(("embed",)),
-      name="c_proj",
+    out_BTD = Projection(
+      cfg, (cfg.d_model,), ("heads", "kv", "embed"), residual_init_std(cfg), num_in=2, name="c_proj"
     )(out_BTHK)
     return out_BTD, new_kv
 
@@ -176,25 +189,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    h_BTF = nn.Dense(
-      cfg.mlp_ratio * cfg.d_model,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_normal(cfg.init_std, ("embed", "mlp")),
-      bias_init=_zeros(("mlp",)),
-      name="c_fc",
-    )(x_BTD)
+    h_BTF = Projection(cfg, (cfg.mlp_ratio * cfg.d_model,), ("embed", "mlp"), cfg.init_std, name="c_fc")(
+      x_BTD
+    )
     h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
     h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.activation == "gelu_tanh")
-    return nn.Dense(
-      cfg.d_model,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_normal(residual_init_std(cfg), ("mlp", "embed")),
-      bias_init=_zeros(("embed",)),
-      name="c_proj",
-    )(h_BTF)
+    return Projection(cfg, (cfg.d_model,), ("mlp", "embed"), residual_init_std(cfg), name="c_proj")(h_BTF)
 
 
 class Block(nn.Module):

@@ -1,0 +1,36 @@
+"""Training entry point: flags -> config -> train.run(config, workdir).
+
+  python -m gpt_jax.main --config=configs/shakespeare.py --workdir=runs/shakespeare
+  python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=gs://bucket/run \
+      --config.train.batch_size=256 --config.mesh.fsdp=8
+
+Re-running the same command on a workdir with checkpoints resumes it.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gpt_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+@config_lib.cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = config_lib.validate(_CONFIG.value)
+  logging.set_verbosity(logging.INFO)
+  from gpt_jax import train
+
+  if config.job == "finetune":
+    from gpt_jax import finetune
+
+    return finetune.run(config, _WORKDIR.value)
+  train.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

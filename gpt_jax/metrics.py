@@ -1,0 +1,99 @@
+"""Metrics: metrics.jsonl, TensorBoard (tensorboardX, no TensorFlow), MFU arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Peak dense bf16 FLOP/s per chip (vendor figures; REFERENCE.md).
+PEAK_FLOPS_BY_KIND = {
+  "h100": 989e12,
+  "h200": 989e12,
+  "a100": 312e12,
+  "tpu v4": 275e12,
+  "tpu v5 lite": 197e12,
+  "tpu v5e": 197e12,
+  "tpu v5p": 459e12,
+  "tpu v5": 459e12,
+}
+
+
+def flops_per_token(model_cfg, seq_len: int, num_params: int) -> float:
+  """Training FLOPs per token, PaLM App. B: 6N + 12·L·H·Q·T.
+
+  N counts the parameters that take part in matmuls: everything but the
+  position table (the tied token table does the LM-head matmul). The second
+  term is attention's QK^T and AV, forward and backward.
+  """
+  n = num_params - model_cfg.block_size * model_cfg.d_model
+  head_dim = model_cfg.d_model // model_cfg.num_heads
+  return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.num_heads * head_dim * seq_len
+
+
+def measure_matmul_peak(size: int = 1024, reps: int = 5) -> float:
+  """FLOP/s of a float32 square matmul on the default device: the CPU's practical peak."""
+  x = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * size**3 / best
+
+
+def peak_flops(configured: float) -> tuple[float, str]:
+  """Peak FLOP/s of the whole job and where the number comes from."""
+  devices = jax.devices()
+  if configured > 0:
+    return configured * len(devices), f"configured log.peak_flops={configured:g} x {len(devices)} devices"
+  kind = devices[0].device_kind.lower()
+  if devices[0].platform != "cpu":
+    for name, flops in PEAK_FLOPS_BY_KIND.items():
+      if name in kind:
+        return flops * len(devices), f"{devices[0].device_kind} bf16 peak {flops:g} x {len(devices)} devices"
+    logging.warning("unknown device kind %r: set log.peak_flops for MFU; measuring a matmul", kind)
+  # Fake CPU devices share the same cores, so the machine's peak is one matmul's.
+  flops = measure_matmul_peak()
+  return flops, f"measured float32 matmul peak on {kind or 'cpu'} ({flops / 1e9:.1f} GFLOP/s)"
+
+
+class MetricsWriter:
+  """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled or "://" in workdir:
+      self.enabled = self.enabled and "://" not in workdir
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (v.item() if isinstance(v, np.generic | np.ndarray) else v) for k, v in values.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, int | float) and np.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,60 @@
+"""The optax chain: global-norm clipping, AdamW with a decay mask, warmup + decay."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine / linear decay to lr * min_lr_ratio.
+
+  The decay ends at `num_steps` (GPT-1 pretraining: cosine to 0; GPT-3 §B:
+  cosine to 10%; GPT-1 fine-tuning: linear to 0).
+  """
+  o = optim_cfg
+  peak, floor = o.lr, o.lr * o.min_lr_ratio
+  warmup = optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1))
+  decay_steps = max(num_steps - o.warmup_steps, 1)
+  if o.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.min_lr_ratio)
+  elif o.schedule == "linear":
+    decay = optax.linear_schedule(peak, floor, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  if o.warmup_steps == 0:
+    return decay
+  return optax.join_schedules([warmup, decay], [o.warmup_steps])
+
+
+def decay_mask(params):
+  """Weight decay on matrices (matmul weights, embedding tables), never on
+  biases or LayerNorm gains (GPT-1 §4.1: "non bias or gain weights").
+
+  Scanned layers add a leading layer axis, so the test is on the name, not
+  only on the rank.
+  """
+
+  def is_matrix(path, x):
+    name = jax.tree_util.keystr(path)
+    return x.ndim >= 2 and "bias" not in name and "scale" not in name
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  parts = []
+  if o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip))
+  parts.append(
+    optax.adamw(
+      lr_schedule(o, config.train.num_steps),
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      mask=decay_mask,
+    )
+  )
+  return optax.chain(*parts)

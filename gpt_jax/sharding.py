@@ -1,0 +1,120 @@
+"""Device mesh, logical-axis rules and the helpers that place arrays on them.
+
+Parameters carry logical axis names (model.py); `config.mesh.rules` maps them
+to the mesh axes `data`, `fsdp`, `tensor`. Changing FSDP / tensor-parallel
+layouts is a config change, not a code change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gpt_jax.config import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the -1 axis; the product must equal the device count."""
+  sizes = [mesh_cfg[a] for a in AXES]
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ConfigError(
+        f"config.mesh={dict(zip(AXES, sizes))} cannot cover {num_devices} devices: "
+        f"{num_devices} is not divisible by {fixed}"
+      )
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if int(np.prod(sizes)) != num_devices:
+    raise ConfigError(
+      f"config.mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} "
+      f"must equal the number of devices ({num_devices}); set one axis to -1 to take the rest"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: sharding is propagated by XLA from our logical constraints
+  # (jax.make_mesh defaults to Explicit axes, which logical rules don't drive).
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def rules(config) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in config.mesh.rules)
+
+
+def _divisible_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+  """Drops mesh axes that do not divide a dimension (e.g. vocab 50257 over 2).
+
+  jit refuses uneven shardings of its inputs/outputs; such a dimension is
+  replicated instead, which the planner reports.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    out.append(axes if dim % size == 0 else None)
+  return PartitionSpec(*out)
+
+
+def logical_to_shardings(logical_specs, abstract_tree, mesh, axis_rules):
+  """NamedShardings for a tree of logical PartitionSpecs and matching shapes."""
+  mesh_specs = nn.logical_to_mesh(logical_specs, axis_rules)
+  return jax.tree.map(
+    lambda spec, x: NamedSharding(mesh, _divisible_spec(spec, x.shape, mesh)),
+    mesh_specs,
+    abstract_tree,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
+
+
+def undivided_dims(logical_specs, abstract_tree, mesh, axis_rules) -> list[str]:
+  """Human-readable list of parameter dims left replicated by `_divisible_spec`."""
+  mesh_specs = nn.logical_to_mesh(logical_specs, axis_rules)
+  notes = []
+  flat_specs = jax.tree_util.tree_leaves_with_path(mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  for (path, spec), x in zip(flat_specs, jax.tree.leaves(abstract_tree)):
+    kept = _divisible_spec(spec, x.shape, mesh)
+    for dim, (want, got) in enumerate(zip(tuple(spec) + (None,) * 8, tuple(kept) + (None,) * 8)):
+      if want is not None and got is None and dim < len(x.shape):
+        notes.append(f"{jax.tree_util.keystr(path)} dim {dim} ({x.shape[dim]}) not divisible by {want}")
+  return notes
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+  """Assembles per-process numpy batches into global jax.Arrays (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+@contextlib.contextmanager
+def activate(mesh, axis_rules):
+  """Mesh + logical rules for tracing: with_logical_constraint needs both."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    yield
+
+
+def describe(mesh) -> str:
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" ({mesh.devices.size} devices)"
+
+
+def log_undivided(logical_specs, abstract_tree, mesh, axis_rules) -> None:
+  for note in undivided_dims(logical_specs, abstract_tree, mesh, axis_rules):
+    logging.warning("replicated instead of sharded: %s", note)
