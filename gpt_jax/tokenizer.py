@@ -363,8 +363,9 @@ def tmp_dir_for(final: Path) -> Path:
   return tmp
 
 
-def wait_for(path: Path, what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+def wait_for(path: Path, what: str, timeout_s: float | None = None) -> None:
   """Process i > 0 waits for process 0 to publish `path` on the shared filesystem."""
+  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
   deadline = time.monotonic() + timeout_s
   while not path.exists():
     if time.monotonic() > deadline:
