@@ -1,0 +1,154 @@
+"""Config files load and validate; parameter counts of the GPT-2 ladder; one-line config errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import pytest
+
+from configs import debug
+from gpt_jax import config as config_lib
+from gpt_jax import model, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+
+
+def _load_by_path(path: Path):
+  """Imports a config file from its path, as ml_collections.config_flags does for --config=FILE."""
+  spec = importlib.util.spec_from_file_location(f"_config_under_test_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_every_config_file_loads_and_validates(path):
+  config = config_lib.validate(_load_by_path(path))
+  assert isinstance(config.model.attention_pattern, tuple)
+  # Every rung builds a model: shapes trace without errors.
+  assert model.param_count(model.abstract_params(config.model)) > 0
+
+
+# Radford et al. 2019, Table 2 (vocab 50257, context 1024, tied embeddings).
+GPT2_PARAMS = {
+  "gpt2_small": 124_439_808,
+  "gpt2_medium": 354_823_168,
+  "gpt2_large": 774_030_080,
+  "gpt2_xl": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPT2_PARAMS))
+def test_gpt2_parameter_counts(name):
+  m = _load_by_path(ROOT / "configs" / f"{name}.py").model
+  shapes = nn.unbox(model.abstract_params(m))  # jax.eval_shape: no memory.
+  assert model.param_count(shapes) == GPT2_PARAMS[name]
+  # Derived by hand: a pre-LN block has 12 D^2 (qkv 3, proj 1, MLP 8) + 13 D (biases and gains);
+  # plus the final LayerNorm (2 D). Embeddings: V x D + block_size x D.
+  L, D = m.num_layers, m.d_model
+  non_embedding = L * (12 * D * D + 13 * D) + 2 * D
+  counts = plan.param_counts(m)
+  assert counts == {"params": GPT2_PARAMS[name], "non_embedding_params": non_embedding}
+  assert GPT2_PARAMS[name] - non_embedding == (50257 + 1024) * D
+
+
+def _debug(**changes):
+  c = debug.get_config()
+  for dotted, value in changes.items():
+    section, field = dotted.split("__")
+    with c[section].ignore_type():  # Wrong types too: a hand-written config file can hold anything.
+      c[section][field] = value
+  return c
+
+
+@pytest.mark.parametrize(
+  "changes, field",
+  [
+    ({"model__num_heads": 5}, "model.num_heads"),  # 5 does not divide d_model=32
+    ({"model__attention_pattern": ("dense", "sparse")}, "model.attention_pattern"),
+    ({"model__attention_pattern": ()}, "model.attention_pattern"),
+    ({"model__d_model": 0}, "model.d_model"),
+    ({"model__num_layers": -2}, "model.num_layers"),
+    ({"model__vocab_size": 0}, "model.vocab_size"),
+    ({"model__block_size": 0}, "model.block_size"),
+    ({"model__mlp_ratio": 0}, "model.mlp_ratio"),
+    ({"model__attention_pattern": ("local",), "model__local_window": 64}, "model.local_window"),
+    ({"model__dtype": "float8"}, "model.dtype"),
+    ({"model__param_dtype": "int8"}, "model.param_dtype"),
+    ({"model__activation": "relu"}, "model.activation"),
+    ({"model__norm_position": "sandwich"}, "model.norm_position"),
+    ({"model__remat": "some"}, "model.remat"),
+    ({"model__scan_layers": "yes"}, "model.scan_layers"),
+    ({"model__attn_dropout": 1.0}, "model.attn_dropout"),
+    ({"model__attention_impl": "dot_product_attention", "model__attn_dropout": 0.1}, "model.attn_dropout"),
+    ({"mesh__data": -1, "mesh__fsdp": -1}, "mesh"),
+    ({"mesh__tensor": 0}, "mesh.tensor"),
+    ({"mesh__tensor": 3}, "mesh.tensor"),  # does not divide num_heads=4
+    ({"train__seq_len": 64}, "train.seq_len"),  # > block_size=32
+    ({"train__grad_accum_steps": 3}, "train.grad_accum_steps"),  # does not divide batch_size=8
+    ({"train__batch_size": 0}, "train.batch_size"),
+    ({"optim__lr": 0.0}, "optim.lr"),
+    ({"optim__schedule": "step"}, "optim.schedule"),
+    ({"data__source": "web"}, "data.source"),
+    ({"sample__top_p": 0.0}, "sample.top_p"),
+  ],
+)
+def test_bad_values_give_one_line_error_naming_the_field(changes, field):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_debug(**changes))
+  msg = str(e.value)
+  assert msg.startswith(f"config.{field}=") and "\n" not in msg, msg
+
+
+def test_attention_pattern_string_is_normalised():
+  assert config_lib.normalize_pattern("dense,local") == ("dense", "local")
+  assert config_lib.normalize_pattern("('dense', 'local')") == ("dense", "local")
+  config = config_lib.validate(_debug(model__attention_pattern=["dense", "local"]))
+  assert config.model.attention_pattern == ("dense", "local")
+  assert model.layer_windows(config.model) == [None, 8]
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="config_flags turns --config.model.attention_pattern=dense,local into ('dense,local',), which "
+  "normalize_pattern does not split (gpt_jax/config.py; remove this marker once it does)",
+)
+def test_attention_pattern_as_config_flags_parses_it():
+  config = config_lib.validate(_debug(model__attention_pattern=("dense,local",)))
+  assert config.model.attention_pattern == ("dense", "local")
+
+
+def _run_plan(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+    [sys.executable, "-m", "gpt_jax.plan", "--config=configs/debug.py", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+
+
+@pytest.mark.slow
+def test_entry_point_exits_2_with_one_line_naming_the_field():
+  r = _run_plan("--config.model.num_heads=5")
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "model.num_heads" in lines[0], r.stderr
+  assert r.stdout == ""
+
+
+@pytest.mark.slow
+def test_plan_json_prints_one_object():
+  r = _run_plan("--json")
+  assert r.returncode == 0, r.stderr
+  out = json.loads(r.stdout)  # Exactly one JSON document on stdout.
+  # configs/debug.py: L=2, D=32, V=320, block 32: 2 (12 D^2 + 13 D) + 2 D and (320 + 32) D.
+  assert out["non_embedding_params"] == 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32 == 25_472
+  assert out["params"] == 25_472 + (320 + 32) * 32 == 36_736
