@@ -181,4 +181,11 @@ def get_config() -> ml_collections.ConfigDict:
   s.temperature = 0.8
   s.top_k = 200
   s.top_p = 1.0
+
+  # ------------------------------------------------------------- finetune
+  # GPT-1 task fine-tuning and DialoGPT (job="finetune"; gpt_jax/finetune.py).
+  f = c.finetune = ml_collections.ConfigDict()
+  # BEGIN finetune fields (owned by gpt_jax/finetune.py)
+  f.task = "classification"
+  # END finetune fields
   return c

