@@ -1,0 +1,394 @@
+"""Evaluation data: task specs, item schemas, TFDS field maps, few-shot prompts, metrics.
+
+The model-facing half (scoring, task runners, CLI) is gpt_jax/evaluate.py.
+
+Item schemas (one JSON object per line of a JSONL file; normalised forms in
+brackets are what the runners see):
+  perplexity       {"text": str}
+  last_word        {"text": str}
+  multiple_choice  {"context": str, "choices": [str, ...], "label": int}
+                   or, for partial scoring (Winograd-style: GPT-3 §3.4, Trinh
+                   & Le 2018), {"contexts": [str, ...], "continuation": str,
+                   "label": int}. [{"contexts", "continuations", "label"}]
+  generate         {"context": str, "answers": [str, ...]}
+Extra fields are ignored.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+import string
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gpt_jax.config import UserError
+
+KINDS = ("perplexity", "last_word", "multiple_choice", "generate")
+
+# ------------------------------------------------------------------ specs
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  kind: str
+  name: str  # Key of the task in the results: the file stem or the TFDS name.
+  path: str = ""  # Local JSONL file.
+  tfds_name: str = ""  # Or a TFDS dataset ("name[/config][:version]").
+  split: str = ""  # TFDS split; "" = the dataset's default evaluation split.
+
+
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def parse_spec(spec: str) -> TaskSpec:
+  """`KIND:PATH` or `KIND:tfds:NAME[:SPLIT]` (NAME may carry `/config` and `:1.2.3`)."""
+  kind, sep, rest = spec.partition(":")
+  if not sep or not rest:
+    raise UserError(
+      f"--task={spec!r}: expected KIND:PATH or KIND:tfds:NAME[:SPLIT] (KIND in {', '.join(KINDS)})"
+    )
+  if kind not in KINDS:
+    raise UserError(f"--task={spec!r}: unknown task kind {kind!r}; known kinds: {', '.join(KINDS)}")
+  if rest.startswith("tfds:"):
+    parts = rest[len("tfds:") :].split(":")
+    split = ""
+    if len(parts) > 1 and not _VERSION.match(parts[-1]):
+      split = parts.pop()
+    name = ":".join(parts)
+    if not name:
+      raise UserError(f"--task={spec!r}: missing TFDS dataset name after 'tfds:'")
+    return TaskSpec(kind, name.split("/")[0].split(":")[0], tfds_name=name, split=split)
+  return TaskSpec(kind, Path(rest).stem, path=rest)
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def _str(record: dict, field: str, where: str, allow_empty: bool = True) -> str:
+  if field not in record:
+    raise UserError(f"{where}: missing field {field!r}")
+  value = record[field]
+  if not isinstance(value, str):
+    raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+  if not allow_empty and not value:
+    raise UserError(f"{where}: field {field!r} is empty")
+  return value
+
+
+def _str_list(record: dict, field: str, where: str) -> list[str]:
+  if field not in record:
+    raise UserError(f"{where}: missing field {field!r}")
+  value = record[field]
+  if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+    raise UserError(f"{where}: field {field!r} must be a non-empty list of non-empty strings")
+  return value
+
+
+def _label(record: dict, num_choices: int, where: str) -> int:
+  if "label" not in record:
+    raise UserError(f"{where}: missing field 'label'")
+  label = record["label"]
+  if isinstance(label, bool) or not isinstance(label, int):
+    raise UserError(f"{where}: field 'label' must be an integer, got {label!r}")
+  if not 0 <= label < num_choices:
+    raise UserError(f"{where}: label {label} is out of range for {num_choices} choices")
+  return label
+
+
+def normalize_item(kind: str, record, where: str) -> dict:
+  """Checks one record against its kind's schema; returns the normalised item."""
+  if not isinstance(record, dict):
+    raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  if kind in ("perplexity", "last_word"):
+    text = _str(record, "text", where)
+    if kind == "last_word" and not text.split():
+      raise UserError(f"{where}: field 'text' has no word to predict")
+    return {"text": text}
+  if kind == "multiple_choice":
+    if "contexts" in record:
+      contexts = _str_list(record, "contexts", where)
+      continuation = _str(record, "continuation", where, allow_empty=False)
+      continuations = [continuation] * len(contexts)
+    else:
+      continuations = _str_list(record, "choices", where)
+      contexts = [_str(record, "context", where)] * len(continuations)
+    return {
+      "contexts": contexts,
+      "continuations": continuations,
+      "label": _label(record, len(contexts), where),
+    }
+  if kind == "generate":
+    return {"context": _str(record, "context", where), "answers": _str_list(record, "answers", where)}
+  raise UserError(f"{where}: unknown task kind {kind!r}")
+
+
+def load_jsonl(path: str, kind: str) -> list[dict]:
+  """Normalised items of a JSONL file; a bad line is a UserError naming file and line."""
+  p = Path(path)
+  if not p.is_file():
+    raise UserError(f"{path}: no such file")
+  items = []
+  with p.open(encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+      items.append(normalize_item(kind, record, f"{path}:{n}"))
+  if not items:
+    raise UserError(f"{path}: no items")
+  return items
+
+
+# ------------------------------------------------------------------- TFDS
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _hellaswag_clean(text: str) -> str:
+  # WikiHow contexts carry markup such as " [title]" and "[header]" (Zellers
+  # et al. 2019); lm-evaluation-harness strips it the same way.
+  text = text.strip().replace(" [title]", ". ")
+  text = re.sub(r"\[.*?\]", "", text)
+  return text.replace("  ", " ")
+
+
+def _hellaswag(r: dict) -> dict:
+  context = _hellaswag_clean(f"{_text(r['activity_label'])}: {_text(r['context'])}")
+  return {
+    "context": context,
+    "choices": [" " + _hellaswag_clean(_text(e)) for e in r["endings"]],
+    "label": int(r["label"]),
+  }
+
+
+def _piqa(r: dict) -> dict:
+  return {
+    "context": f"Question: {_text(r['goal'])}\nAnswer:",
+    "choices": [" " + _text(r["sol1"]), " " + _text(r["sol2"])],
+    "label": int(r["label"]),
+  }
+
+
+def _winogrande(r: dict) -> dict:
+  # Partial scoring: the option fills the blank in the context and the words
+  # after the blank are scored (GPT-3 §3.4).
+  sentence = _text(r["sentence"])
+  blank = sentence.index("_")
+  options = [_text(r["option1"]), _text(r["option2"])]
+  return {
+    "contexts": [sentence[:blank] + o for o in options],
+    "continuation": " " + sentence[blank + 1 :].strip(),
+    "label": int(r["label"]),
+  }
+
+
+def _lambada(r: dict) -> dict:
+  return {"text": _text(r["passage"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsTask:
+  split: str  # Default evaluation split.
+  fewshot_split: str  # Where few-shot examples come from.
+  to_record: Callable[[dict], dict]  # TFDS features -> this module's schema.
+
+
+# LAMBADA has no training passages (its train split is raw novels): GPT-3 §3.1
+# draws its examples from held-out data, here the evaluation split itself
+# (never the item being evaluated).
+TFDS_TASKS = {
+  "lambada": TfdsTask("test", "test", _lambada),
+  "hellaswag": TfdsTask("validation", "train", _hellaswag),
+  "piqa": TfdsTask("validation", "train", _piqa),
+  "winogrande": TfdsTask("validation", "train_xl", _winogrande),
+}
+
+
+def _generic_record(r: dict) -> dict:
+  """Datasets without an entry in TFDS_TASKS must already use our field names."""
+  out = {}
+  for k, v in r.items():
+    if isinstance(v, bytes):
+      v = _text(v)
+    elif isinstance(v, np.ndarray):
+      v = [_text(x) if isinstance(x, bytes) else x.item() for x in v]
+    elif isinstance(v, np.generic):
+      v = v.item()
+    out[k] = v
+  return out
+
+
+def load_tfds(spec: TaskSpec, split: str, data_dir: str = "") -> list[dict]:
+  """Items of a TFDS split, read through the TF-free `tfds.data_source` path.
+
+  The dataset must be prepared in `array_record` format under data_dir (or
+  TFDS's default); nothing is downloaded at evaluation time.
+  """
+  import tensorflow_datasets as tfds
+
+  mapping = TFDS_TASKS.get(spec.name)
+  to_record = mapping.to_record if mapping else _generic_record
+  try:
+    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "not usable here".
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(
+      f"tfds:{spec.tfds_name}:{split}: cannot open it ({first}); prepare it in array_record format "
+      "under --tfds_data_dir first"
+    ) from None
+  items = []
+  for i in range(len(source)):
+    where = f"tfds:{spec.tfds_name}:{split} record {i}"
+    try:
+      record = to_record(source[i])
+    except (KeyError, ValueError) as e:
+      raise UserError(f"{where}: cannot map its fields ({type(e).__name__}: {e})") from None
+    items.append(normalize_item(spec.kind, record, where))
+  if not items:
+    raise UserError(f"tfds:{spec.tfds_name}:{split}: no items")
+  return items
+
+
+def eval_split(spec: TaskSpec) -> str:
+  mapping = TFDS_TASKS.get(spec.name)
+  return spec.split or (mapping.split if mapping else "test")
+
+
+def fewshot_split(spec: TaskSpec) -> str:
+  mapping = TFDS_TASKS.get(spec.name)
+  return mapping.fewshot_split if mapping else "train"
+
+
+# --------------------------------------------------------------- few-shot
+
+
+def last_word_split(text: str) -> tuple[str, str]:
+  """(context, " word"): the final whitespace-delimited word and what precedes it.
+
+  The whitespace before the word is replaced by one space, which starts the
+  continuation (GPT-2 BPE tokens carry their leading space).
+  """
+  words = text.rstrip()
+  m = re.search(r"\S+$", words)
+  return words[: m.start()].rstrip(), " " + m.group(0)
+
+
+def join_answer(context: str, answer: str) -> str:
+  """context + answer, with one space between unless either side already has whitespace there."""
+  if context and not context[-1].isspace() and answer and not answer[0].isspace():
+    return context + " " + answer
+  return context + answer
+
+
+def solved(kind: str, item: dict) -> str:
+  """An example as it appears among the few-shot examples: its context with the right answer."""
+  if kind == "last_word":
+    return item["text"].rstrip()
+  if kind == "multiple_choice":
+    i = item["label"]
+    return item["contexts"][i] + item["continuations"][i]
+  if kind == "generate":
+    return join_answer(item["context"], item["answers"][0])
+  raise ValueError(f"task kind {kind!r} has no few-shot form")
+
+
+def fewshot_prefix(shots: Sequence[str], separator: str) -> str:
+  """The text before an item's context: every shot followed by the separator.
+
+  The whole prompt is `shot_1 SEP shot_2 SEP ... shot_K SEP context`, then
+  the continuation being scored (or generated). With no shots it is the
+  context alone.
+  """
+  return "".join(s + separator for s in shots)
+
+
+def draw_shots(pool: Sequence[dict], k: int, seed: int, index: int, exclude_index: int | None, item: dict):
+  """K examples for item `index`, drawn without replacement from the pool.
+
+  Seeded by (seed, index), so an item's shots do not depend on --limit or on
+  the other items. The item itself is never drawn: by position when the pool
+  is the evaluation set (exclude_index), by content otherwise.
+  """
+  if k <= 0:
+    return []
+  rng = np.random.default_rng([seed, index])
+  # k + 1 draws suffice unless the pool holds copies of the item; then draw all.
+  for size in (min(len(pool), k + 1), len(pool)):
+    picks = [int(j) for j in rng.choice(len(pool), size=size, replace=False)]
+    picks = [j for j in picks if j != exclude_index and pool[j] != item][:k]
+    if len(picks) == k:
+      return [pool[j] for j in picks]
+  raise UserError(
+    f"--num_fewshot={k}: item {index} has only {len(picks)} examples besides itself in the few-shot pool"
+  )
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD normalisation (Rajpurkar et al. 2016): lowercase, no punctuation, articles or extra spaces."""
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in set(string.punctuation))
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+  return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def _f1(prediction: str, answer: str) -> float:
+  pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+  if not pred or not gold:
+    return float(pred == gold)
+  common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(pred), common / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def f1(prediction: str, answers: Sequence[str]) -> float:
+  """Token-level F1 against the best-matching answer."""
+  return max(_f1(prediction, a) for a in answers)
+
+
+def mean_stderr(values) -> tuple[float, float]:
+  """Mean and its standard error: sample std (ddof=1) / sqrt(n); NaN when n < 2."""
+  x = np.asarray(values, np.float64)
+  mean = float(x.mean()) if x.size else math.nan
+  if x.size < 2:
+    return mean, math.nan
+  return mean, float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def ratio_stderr(num, den) -> tuple[float, float]:
+  """R = sum(num) / sum(den) over documents, and its delta-method standard error.
+
+  Treating documents as the sampled units (Cochran 1977, §6.3):
+  se(R) = sqrt(sum((num_i - R den_i)^2) / (n - 1) / n) / mean(den); NaN when n < 2.
+  """
+  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  total = den.sum()
+  ratio = float(num.sum() / total) if total > 0 else math.nan
+  n = num.size
+  if n < 2 or not total > 0:
+    return ratio, math.nan
+  resid = num - ratio * den
+  return ratio, float(math.sqrt(np.sum(resid**2) / (n - 1) / n) / den.mean())
+
+
+def with_stderr(metrics: dict, name: str, value_and_stderr: tuple[float, float]) -> None:
+  metrics[name], metrics[f"{name}_stderr"] = value_and_stderr
