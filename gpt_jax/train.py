@@ -67,6 +67,10 @@ class Task:
   extra_eval: Callable[[Any], dict] | None = None  # params -> metrics (zero-shot tasks, accuracy).
   finish: Callable[[Any], None] | None = None  # params -> None, at the end (samples, baselines).
   tokens_per_example: int = 0  # For throughput / MFU; 0 = not a token-level job.
+  # shardings -> params for a fresh start, instead of init_params / config.init_from
+  # (e.g. pretrained weights reshaped for a fine-tuning head). Closing over loaded
+  # weights in init_params would compile them into the program as constants.
+  initial_params: Callable[[Any], Any] | None = None
 
 
 def lm_loss_fn(model_cfg):
@@ -324,7 +328,10 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
       logging.info("resumed from step %d", step)
     else:
       params = None
-      if config.init_from:
+      if task.initial_params is not None:
+        params = task.initial_params(shardings.params)
+        check_same_shapes(params, abstract.params, "the task's initial params")
+      elif config.init_from:
         _, params = checkpoint.load_params(config.init_from, shardings=shardings.params)
         check_same_shapes(params, abstract.params, config.init_from)
         logging.info("initialised params from %s", config.init_from)
