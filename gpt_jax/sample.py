@@ -1,0 +1,592 @@
+"""Autoregressive generation with a KV cache, and its CLI.
+
+    python -m gpt_jax.sample --hf_dir=/models/gpt2 --prompt="Hello" --temperature=0.8 --top_k=40
+
+Prompts are left-padded to a bucketed length and prefilled into a cache of
+`prompt bucket + max_new_tokens - 1` slots; then one token per step is fed
+back. Without a streaming callback the whole loop (prefill included) is one
+jitted `lax.while_loop`, compiled once per (batch, prompt bucket,
+max_new_tokens) and ending as soon as every row has stopped; the sampling
+settings are traced values, so changing them does not recompile. Sampling
+applies temperature, then top-k (as in GPT-2's samples, Radford et al. 2019),
+then nucleus (top-p) filtering (Holtzman et al. 2019).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from gpt_jax import config as config_lib
+from gpt_jax import model as model_lib
+
+# --------------------------------------------------------------- sampling
+
+
+def filter_logits(logits_BV, top_k, top_p):
+  """Top-k then nucleus (top-p) filtering; filtered logits become -inf. k and p may be traced.
+
+  top_k <= 0 keeps every token. Nucleus: a token survives when the mass of
+  the (top-k) tokens strictly more probable than it is still below p, so the
+  top token always survives and the last one kept is the one whose mass
+  makes the total reach p (Holtzman et al. 2019, §3.1). Tokens tied with the
+  last one kept survive too.
+  """
+  V = logits_BV.shape[-1]
+  sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+  rank_V = jnp.arange(V)
+  in_top_k_BV = jnp.broadcast_to(rank_V < jnp.where(top_k > 0, top_k, V), sorted_BV.shape)
+  probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  num_kept_B1 = jnp.sum(in_top_k_BV & (mass_before_BV < top_p), axis=-1, keepdims=True)
+  threshold_B1 = jnp.take_along_axis(sorted_BV, num_kept_B1 - 1, axis=-1)
+  return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def _choose(logits_BV, key, consts):
+  """Next tokens; every sampling setting is traced, so changing one does not recompile."""
+  logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < consts["vocab_limit"], logits_BV, -jnp.inf)
+
+  def sample(logits_BV):
+    logits_BV = logits_BV / jnp.where(consts["temperature"] > 0, consts["temperature"], 1.0)
+    filtered = (consts["top_k"] > 0) | (consts["top_p"] < 1)
+    logits_BV = jax.lax.cond(
+      filtered, lambda x: filter_logits(x, consts["top_k"], consts["top_p"]), lambda x: x, logits_BV
+    )
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+  greedy = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)  # noqa: E731
+  return jax.lax.cond(consts["temperature"] == 0, greedy, sample, logits_BV)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+  """What shapes the compiled program besides the arrays' shapes."""
+
+  num_steps: int
+  keep_logits: bool = False
+
+
+# ------------------------------------------------------- device programs
+
+
+def _prefill(cfg, mode: _Mode, params, tokens_BP, lengths_B, stop_QL, consts):
+  """Writes all but the last prompt token into a fresh cache; returns the loop state.
+
+  The last prompt token is fed by the first decode step, so the prefill's
+  [B, P, V] logits are never used and XLA drops the vocabulary matmul.
+  """
+  B, P = tokens_BP.shape
+  pad_B = P - lengths_B
+  num_slots = P + mode.num_steps - 1
+  cache = model_lib.init_cache(cfg, B, num_slots)
+  if P > 1:
+    positions_BP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
+    _, cache = model_lib.GPT(cfg).apply(
+      {"params": params},
+      tokens_BP[:, :-1],
+      positions_BT=positions_BP[:, :-1],
+      cache=cache,
+      key_valid_BS=consts["valid_BS"],
+    )
+  stop_width = stop_QL.shape[1]
+  state = {
+    "cache": cache,
+    "tok_B": tokens_BP[:, -1],
+    "pos_B": lengths_B - 1,
+    "i": jnp.zeros((), jnp.int32),
+    "done_B": jnp.zeros((B,), bool),
+    # Generated tokens, after stop_width - 1 columns of -1 so the last
+    # stop_width tokens are one dynamic_slice away at every step.
+    "out_BW": jnp.full((B, stop_width - 1 + mode.num_steps), -1, jnp.int32),
+  }
+  if mode.keep_logits:
+    state["logits_BNV"] = jnp.zeros((B, mode.num_steps, cfg.vocab_size), jnp.float32)
+  return state
+
+
+def _step(cfg, mode: _Mode, params, state, stop_QL, consts):
+  """Feeds one token per row, samples the next, records it and who has stopped."""
+  B = state["tok_B"].shape[0]
+  i = state["i"]
+  logits_B1V, cache = model_lib.GPT(cfg).apply(
+    {"params": params},
+    state["tok_B"][:, None],
+    positions_BT=state["pos_B"][:, None],
+    cache=state["cache"],
+    key_valid_BS=consts["valid_BS"],
+  )
+  logits_BV = logits_B1V[:, 0]
+  tok_B = _choose(logits_BV, jax.random.fold_in(consts["key"], i), consts)
+  tok_B = jnp.where(state["done_B"], consts["pad_id"], tok_B)
+  stop_width = stop_QL.shape[1]
+  out_BW = jax.lax.dynamic_update_slice(state["out_BW"], tok_B[:, None], (0, stop_width - 1 + i))
+  tail_BL = jax.lax.dynamic_slice(out_BW, (0, i), (B, stop_width))
+  # Stop sequences are right-aligned in stop_QL; -1 marks unused columns.
+  match_BQL = (tail_BL[:, None, :] == stop_QL[None]) | (stop_QL[None] < 0)
+  stopped_B = jnp.any(jnp.all(match_BQL, axis=-1), axis=-1) | (tok_B == consts["eot_id"])
+  new = dict(state, cache=cache, tok_B=tok_B, pos_B=state["pos_B"] + 1, i=i + 1, out_BW=out_BW)
+  new["done_B"] = state["done_B"] | stopped_B
+  if mode.keep_logits:
+    new["logits_BNV"] = jax.lax.dynamic_update_slice(state["logits_BNV"], logits_BV[:, None], (0, i, 0))
+  return new
+
+
+def _replicated(tree, mesh):
+  if mesh is None:
+    return tree
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
+
+
+def _results(state, mode, mesh):
+  out = {"out_BW": state["out_BW"], "steps": state["i"]}
+  if mode.keep_logits:
+    out["logits_BNV"] = state["logits_BNV"]
+  return _replicated(out, mesh)
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(cfg, mode: _Mode, mesh):
+  """Jitted (whole decode, prefill, single step) for one frozen model config and mode."""
+
+  def decode(params, tokens_BP, lengths_B, stop_QL, consts):
+    state = _prefill(cfg, mode, params, tokens_BP, lengths_B, stop_QL, consts)
+    state = jax.lax.while_loop(
+      lambda s: (s["i"] < mode.num_steps) & ~jnp.all(s["done_B"]),
+      lambda s: _step(cfg, mode, params, s, stop_QL, consts),
+      state,
+    )
+    return _results(state, mode, mesh)
+
+  def step(params, state, stop_QL, consts):
+    state = _step(cfg, mode, params, state, stop_QL, consts)
+    return state, _replicated((state["tok_B"], state["done_B"]), mesh)
+
+  prefill = functools.partial(_prefill, cfg, mode)
+  return (
+    jax.jit(decode),
+    jax.jit(prefill),
+    jax.jit(step, donate_argnums=1),
+    jax.jit(functools.partial(_results, mode=mode, mesh=mesh)),
+  )
+
+
+# ------------------------------------------------------------ host side
+
+
+def _freeze(cfg):
+  if isinstance(cfg, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return ml_collections.FrozenConfigDict(cfg)
+  return ml_collections.FrozenConfigDict(dict(vars(cfg)))
+
+
+def _params_mesh(params):
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def prompt_bucket(length: int, cap: int) -> int:
+  """Padded prompt length: the next power of two (few compilations), at most cap."""
+  return min(1 << max(length - 1, 0).bit_length(), cap)
+
+
+def cut_generation(ids: list[int], eot_id: int | None, stop_sequences) -> list[int]:
+  """Generated ids up to the first EOT or the start of the first stop sequence to complete."""
+  for end in range(1, len(ids) + 1):
+    starts = [end - 1] if eot_id is not None and ids[end - 1] == eot_id else []
+    starts += [end - len(s) for s in stop_sequences if end >= len(s) and ids[end - len(s) : end] == s]
+    if starts:
+      return ids[: min(starts)]
+  return list(ids)
+
+
+@dataclasses.dataclass
+class Decoded:
+  """Raw decode output: tokens_BN (rows padded after they stop), steps run, optional logits."""
+
+  tokens_BN: np.ndarray
+  steps: int
+  logits_BNV: np.ndarray | None = None
+
+
+def _prepare(cfg, prompts, max_new_tokens, eot_id):
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise config_lib.UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+  if max_new_tokens >= cfg.block_size:
+    raise config_lib.UserError(
+      f"max_new_tokens={max_new_tokens} must be < model.block_size={cfg.block_size} (room for the prompt)"
+    )
+  room = cfg.block_size - max_new_tokens
+  rows = []
+  for n, prompt in enumerate(prompts):
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+      if eot_id is None:
+        raise config_lib.UserError(f"prompt {n} is empty and no eot_id was given to start from")
+      prompt = [eot_id]
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise config_lib.UserError(f"prompt {n} has token id {bad[0]} outside [0, {cfg.vocab_size})")
+    if len(prompt) > room:
+      logging.warning(
+        "prompt %d has %d tokens; keeping its last %d (model.block_size=%d - max_new_tokens=%d)",
+        n,
+        len(prompt),
+        room,
+        cfg.block_size,
+        max_new_tokens,
+      )
+      prompt = prompt[-room:]
+    rows.append(prompt)
+  lengths_B = np.array([len(p) for p in rows], np.int32)
+  P = prompt_bucket(int(lengths_B.max()), room)
+  tokens_BP = np.zeros((len(rows), P), np.int32)
+  for b, p in enumerate(rows):
+    tokens_BP[b, P - len(p) :] = p
+  return tokens_BP, lengths_B
+
+
+def _stop_array(stop_sequences):
+  stops = [list(map(int, s)) for s in stop_sequences or () if len(s)]
+  width = max([len(s) for s in stops], default=1)
+  stop_QL = np.full((len(stops), width), -1, np.int32)
+  for q, s in enumerate(stops):
+    stop_QL[q, width - len(s) :] = s
+  return stops, stop_QL
+
+
+def decode(
+  model_cfg,
+  params,
+  prompts,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eot_id: int | None = None,
+  stop_sequences=None,
+  on_token=None,
+  vocab_limit: int | None = None,
+  keep_logits: bool = False,
+) -> Decoded:
+  """The device part of `generate`: raw tokens (not cut), optionally the logits of every step."""
+  if temperature < 0:
+    raise config_lib.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise config_lib.UserError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
+  if not 0 < top_p <= 1:
+    raise config_lib.UserError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+  tokens_BP, lengths_B = _prepare(model_cfg, prompts, max_new_tokens, eot_id)
+  B, P = tokens_BP.shape
+  _, stop_QL = _stop_array(stop_sequences)
+  mode = _Mode(num_steps=max_new_tokens, keep_logits=keep_logits)
+  mesh = _params_mesh(params)
+  num_slots = P + max_new_tokens - 1
+  consts = {
+    "valid_BS": np.arange(num_slots)[None, :] >= (P - lengths_B)[:, None],
+    "key": jax.random.key_data(jax.random.key(seed)),
+    "temperature": np.float32(temperature),
+    "top_k": np.int32(top_k),
+    "top_p": np.float32(top_p),
+    "eot_id": np.int32(-1 if eot_id is None else eot_id),
+    "pad_id": np.int32(eot_id or 0),
+    "vocab_limit": np.int32(vocab_limit or model_cfg.vocab_size),
+  }
+  args = (tokens_BP, lengths_B, stop_QL, consts)
+  if mesh is not None:
+    args = jax.device_put(args, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  run_all, prefill, step, results = _programs(_freeze(model_cfg), mode, mesh)
+  if max_new_tokens == 0:
+    return Decoded(
+      np.zeros((B, 0), np.int32), 0, np.zeros((B, 0, model_cfg.vocab_size)) if keep_logits else None
+    )
+  if on_token is None:
+    out = run_all(params, *args)
+  else:
+    state = prefill(params, *args)
+    for i in range(max_new_tokens):
+      state, (tok_B, done_B) = step(params, state, *args[2:])
+      on_token(i, np.asarray(tok_B))
+      if np.asarray(done_B).all():
+        break
+    out = results(state)
+  logits = np.asarray(out["logits_BNV"]) if keep_logits else None
+  return Decoded(np.asarray(out["out_BW"])[:, stop_QL.shape[1] - 1 :], int(out["steps"]), logits)
+
+
+def generate(
+  model_cfg,
+  params,
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eot_id: int | None = None,
+  stop_sequences: list[list[int]] | None = None,
+  on_token=None,
+  vocab_limit: int | None = None,
+) -> list[list[int]]:
+  """Generated ids per prompt (prompt excluded), cut at EOT / a stop sequence (both excluded).
+
+  temperature 0 = greedy; top_k 0 and top_p 1 = off. The same call gives the
+  same tokens (the key is `seed` folded with the step). An empty prompt starts
+  from `eot_id`; a prompt longer than block_size - max_new_tokens keeps its
+  last tokens (with a warning). `on_token(step, tokens_B)` streams each step's
+  tokens (rows that have stopped get eot_id, or 0); without it the loop runs
+  entirely on device. `vocab_limit` forbids ids >= it (a tokenizer smaller
+  than the model's vocabulary).
+  """
+  if not prompts:
+    return []
+  decoded = decode(
+    model_cfg,
+    params,
+    prompts,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    eot_id=eot_id,
+    stop_sequences=stop_sequences,
+    on_token=on_token,
+    vocab_limit=vocab_limit,
+  )
+  stops, _ = _stop_array(stop_sequences)
+  return [cut_generation(row[: decoded.steps].tolist(), eot_id, stops) for row in decoded.tokens_BN]
+
+
+def cut_text(text: str, stop_strings) -> str:
+  """Text before the earliest occurrence of any stop string."""
+  cuts = [text.find(s) for s in stop_strings if s and s in text]
+  return text[: min(cuts)] if cuts else text
+
+
+def _generate_texts(model_cfg, params, tokenizer, prompts, stop_strings=(), **kw):
+  """(ids, texts) per prompt; ids trimmed to the text when a stop string cut inside them."""
+  stop_strings = [s for s in stop_strings if s]
+  kw.setdefault("eot_id", tokenizer.eot_id)
+  kw["stop_sequences"] = list(kw.get("stop_sequences") or []) + [tokenizer.encode(s) for s in stop_strings]
+  kw.setdefault("vocab_limit", min(tokenizer.vocab_size, model_cfg.vocab_size))
+  ids = generate(model_cfg, params, [tokenizer.encode(p) for p in prompts], **kw)
+  texts = []
+  for n, row in enumerate(ids):
+    full = tokenizer.decode(row)
+    text = cut_text(full, stop_strings)
+    if text != full:  # The stop string came out under another tokenisation.
+      keep = len(row)
+      while keep and not text.startswith(tokenizer.decode(row[:keep])):
+        keep -= 1
+      ids[n] = row[:keep]
+    texts.append(text)
+  return ids, texts
+
+
+def generate_text(model_cfg, params, tokenizer, prompts: list[str], *, stop_strings=(), **kw) -> list[str]:
+  """Text continuations of text prompts (an empty prompt starts from EOT).
+
+  Each stop string stops a row early when the model emits its usual
+  tokenisation, and the text is always cut before its first occurrence.
+  Keyword arguments are those of `generate`; eot_id defaults to the tokenizer's.
+  """
+  return _generate_texts(model_cfg, params, tokenizer, prompts, stop_strings, **kw)[1]
+
+
+class TextStreamer:
+  """Writes one row's text as its tokens arrive, never printing a partial character or stop string."""
+
+  def __init__(self, tokenizer, stop_strings=(), row: int = 0, out=sys.stdout):
+    self.tokenizer, self.row, self.out = tokenizer, row, out
+    self.stop_strings = [s for s in stop_strings if s]
+    self.ids, self.printed, self.finished = [], "", False
+
+  def __call__(self, step, tokens_B):
+    tok = int(tokens_B[self.row])
+    if self.finished or tok == self.tokenizer.eot_id:
+      self.finished = True
+      return
+    self.ids.append(tok)
+    text = self.tokenizer.decode(self.ids)
+    safe = cut_text(text, self.stop_strings)
+    if safe != text:
+      self.finished = True
+    else:
+      # Hold back an incomplete UTF-8 character and a possible stop-string prefix.
+      safe = safe.rstrip("\ufffd")
+      held = max([n for s in self.stop_strings for n in range(1, len(s)) if safe.endswith(s[:n])], default=0)
+      safe = safe[: len(safe) - held]
+    self._write(safe)
+
+  def finish(self, final_text: str):
+    self._write(final_text)
+
+  def _write(self, text):
+    if text.startswith(self.printed) and len(text) > len(self.printed):
+      self.out.write(text[len(self.printed) :])
+      self.out.flush()
+      self.printed = text
+
+
+# ------------------------------------------------------------ benchmark
+
+
+def benchmark_generate(
+  *,
+  num_layers: int = 6,
+  d_model: int = 768,
+  num_heads: int = 12,
+  vocab_size: int = 50257,
+  block_size: int = 1024,
+  batch_sizes=(1, 8),
+  prompt_len: int = 16,
+  max_new_tokens: int = 256,
+  reference: bool = True,
+  threads: int = 2,
+  seed: int = 0,
+) -> dict:
+  """Greedy decoding tokens/s of `generate` and, side by side, of transformers' `generate`.
+
+  Both run the same random GPT-2-shaped weights (a GPT2LMHeadModel saved and
+  imported with gpt_jax.convert.from_hf), generate exactly max_new_tokens per
+  row (no EOT) from the same prompts, and are timed after a warm-up call
+  (compilation is reported separately). Figures include the prefill.
+  """
+  import torch
+  import transformers
+
+  from gpt_jax import convert
+
+  torch.manual_seed(seed)
+  torch.set_num_threads(threads)
+  hf_cfg = transformers.GPT2Config(
+    vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=num_layers, n_head=num_heads
+  )
+  hf_model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    cfg, params = convert.from_hf(tmp)
+  hf_model.generation_config.update(eos_token_id=None, pad_token_id=0)
+  rng = np.random.default_rng(seed)
+  figures = {
+    "model": f"{num_layers}x{d_model}, vocab {vocab_size}",
+    "prompt_len": prompt_len,
+    "max_new_tokens": max_new_tokens,
+    "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    "torch_threads": threads,
+  }
+  for B in batch_sizes:
+    prompts = rng.integers(0, vocab_size, (B, prompt_len)).tolist()
+    run = functools.partial(generate, cfg, params, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    t0 = time.perf_counter()
+    run()
+    figures[f"b{B}_first_call_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    ours = run()
+    seconds = time.perf_counter() - t0
+    figures[f"b{B}_tokens_per_s"] = round(B * max_new_tokens / seconds, 1)
+    if reference:
+      ids = torch.tensor(prompts)
+      gen = functools.partial(
+        hf_model.generate,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+      )
+      with torch.inference_mode():
+        gen(max_new_tokens=2, min_new_tokens=2)
+        t0 = time.perf_counter()
+        theirs = gen()[:, prompt_len:].tolist()
+        hf_seconds = time.perf_counter() - t0
+      figures[f"b{B}_transformers_tokens_per_s"] = round(B * max_new_tokens / hf_seconds, 1)
+      figures[f"b{B}_speedup_vs_transformers"] = round(hf_seconds / seconds, 2)
+      figures[f"b{B}_same_tokens"] = ours == theirs
+  return figures
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _define_flags():
+  flags.DEFINE_string(
+    "workdir", None, "gpt_jax training run directory (config.json, tokenizer/, checkpoints)."
+  )
+  flags.DEFINE_string(
+    "hf_dir", None, "Local Hugging Face GPT-2 folder (config.json, model.safetensors, ...)."
+  )
+  flags.DEFINE_string("prompt", "", "Prompt text; empty = start from <|endoftext|>.")
+  flags.DEFINE_integer("num_samples", 1, "Samples to draw (one batch).")
+  flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per sample.")
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
+  flags.DEFINE_multi_string("stop", [], "Stop a sample before this string (repeatable).")
+  flags.DEFINE_bool("json", False, "Print one JSON object per sample: prompt, tokens, text.")
+
+
+@config_lib.cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  F = flags.FLAGS
+  if bool(F.workdir) == bool(F.hf_dir):
+    raise config_lib.UserError("give exactly one of --workdir or --hf_dir")
+  if F.num_samples < 1:
+    raise config_lib.UserError(f"--num_samples={F.num_samples} must be >= 1")
+  from gpt_jax import checkpoint
+
+  cfg, params, tokenizer = checkpoint.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir)
+  stream = not F.json and sys.stdout.isatty()
+  streamer = TextStreamer(tokenizer, F.stop) if stream else None
+  if stream:
+    sys.stdout.write(F.prompt)
+  ids, texts = _generate_texts(
+    cfg,
+    params,
+    tokenizer,
+    [F.prompt] * F.num_samples,
+    F.stop,
+    max_new_tokens=F.max_new_tokens,
+    temperature=F.temperature,
+    top_k=F.top_k,
+    top_p=F.top_p,
+    seed=F.seed,
+    on_token=streamer,
+  )
+  for n, (row, text) in enumerate(zip(ids, texts)):
+    if F.json:
+      print(json.dumps({"prompt": F.prompt, "tokens": row, "text": text}, ensure_ascii=False), flush=True)
+      continue
+    if n:
+      print("-" * 40)
+    if stream and n == 0:
+      streamer.finish(text)
+      print(flush=True)
+    else:
+      print(F.prompt + text, flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
