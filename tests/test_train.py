@@ -1,0 +1,278 @@
+"""Training core: sharded steps, accumulation, non-finite handling, checkpoints, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import checkpoint, model, optim, sharding, train
+from gpt_jax.config import ConfigError, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tokens(config, rows=64, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, config.model.vocab_size, size=(rows, config.model.block_size + 1)).astype(np.int32)
+
+
+def _fake_task(data, batch_size, loss_fn=None):
+  def task_fn(config, workdir, mesh):
+    ds = grain.MapDataset.source(data).shuffle(seed=0).repeat().batch(batch_size)
+    return train.Task(
+      init_params=lambda r: model.init_params(config.model, r),
+      param_specs=model.logical_specs(config.model),
+      loss_fn=loss_fn or train.lm_loss_fn(config.model),
+      train_iter=iter(ds.map(lambda x: {"tokens": x}).to_iter_dataset()),
+      eval_batches=[{"tokens": data[:batch_size]}],
+      meta={"tokenizer": "fake"},
+      tokens_per_example=config.model.block_size,
+    )
+
+  return task_fn
+
+
+def _losses(config, mesh_axes, batches, devices, grad_accum=1):
+  """Runs len(batches) train steps on a mesh and returns losses and final params."""
+  config = config.copy_and_resolve_references()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_axes
+  config.train.grad_accum_steps = grad_accum
+  mesh = sharding.make_mesh(config.mesh, devices)
+  axis_rules = sharding.rules(config)
+  task = _fake_task(batches[0], len(batches[0]))(config, "", mesh)
+  with sharding.activate(mesh, axis_rules):
+    tx = optim.make_optimizer(config)
+    abstract, shardings = train.state_shardings(task, tx, mesh, axis_rules, 0)
+    state = train.init_state(task, tx, shardings, 0)
+    step = jax.jit(
+      train.make_train_step(
+        task.loss_fn, tx, optim.lr_schedule(config.optim, 10), grad_accum_steps=grad_accum
+      ),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+    )
+    losses = []
+    for b in batches:
+      state, out = step(state, sharding.global_batch({"tokens": b}, mesh))
+      losses.append(float(out["loss"]))
+  return np.array(losses), jax.device_get(state.params)
+
+
+@pytest.fixture
+def three_batches(debug_config):
+  data = _tokens(debug_config, rows=24)
+  return [data[i * 8 : (i + 1) * 8] for i in range(3)]
+
+
+@pytest.mark.parametrize("axes", [(8, 1, 1), (1, 8, 1), (2, 2, 2)], ids=["data8", "fsdp8", "d2f2t2"])
+def test_sharded_losses_equal_single_device(debug_config, three_batches, axes):
+  ref, ref_params = _losses(debug_config, (1, 1, 1), three_batches, jax.devices()[:1])
+  got, params = _losses(debug_config, axes, three_batches, jax.devices())
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+  assert ref[2] < ref[0]  # The steps actually train.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+
+
+def test_grad_accumulation_equals_full_batch(debug_config, three_batches):
+  full, full_params = _losses(debug_config, (2, 1, 1), three_batches, jax.devices()[:2])
+  acc, acc_params = _losses(debug_config, (2, 1, 1), three_batches, jax.devices()[:2], grad_accum=4)
+  np.testing.assert_allclose(acc, full, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), acc_params, full_params)
+
+
+def test_fsdp_shards_params_and_optimizer_state(debug_config):
+  debug_config.mesh.update(data=1, fsdp=8, tensor=1)
+  mesh = sharding.make_mesh(debug_config.mesh)
+  task = _fake_task(_tokens(debug_config), 8)(debug_config, "", mesh)
+  tx = optim.make_optimizer(debug_config)
+  _, shardings = train.state_shardings(task, tx, mesh, sharding.rules(debug_config), 0)
+  # c_fc kernel [D=32, F=128]: embed over fsdp.
+  assert shardings.params["block_0"]["mlp"]["c_fc"]["kernel"].spec[0] == "fsdp"
+  mu = shardings.opt_state[1][0].mu["block_0"]["mlp"]["c_fc"]["kernel"]
+  assert mu.spec[0] == "fsdp"
+
+
+def test_nonfinite_step_is_skipped_and_counted(debug_config, three_batches):
+  base = train.lm_loss_fn(debug_config.model)
+
+  def poisoned(params, batch, rng, deterministic):
+    loss, w, aux = base(params, batch, rng, deterministic)
+    bad = batch["tokens"][0, 0] == -1
+    return jnp.where(bad, jnp.nan, loss), w, aux
+
+  mesh = sharding.make_mesh(debug_config.mesh, jax.devices()[:1])
+  task = _fake_task(three_batches[0], 8, poisoned)(debug_config, "", mesh)
+  tx = optim.make_optimizer(debug_config)
+  _, shardings = train.state_shardings(task, tx, mesh, sharding.rules(debug_config), 0)
+  state = train.init_state(task, tx, shardings, 0)
+  step = jax.jit(train.make_train_step(poisoned, tx, optim.lr_schedule(debug_config.optim, 10)))
+  before = jax.device_get(state.params)
+  bad = three_batches[0].copy()
+  bad[0, 0] = -1
+  state, out = step(state, {"tokens": jnp.asarray(bad)})
+  assert not bool(out["ok"]) and int(state.skipped) == 1 and int(state.bad_in_row) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  state, out = step(state, {"tokens": jnp.asarray(three_batches[1])})
+  assert bool(out["ok"]) and int(state.bad_in_row) == 0 and int(state.skipped) == 1
+  assert int(state.step) == 2
+
+
+def test_max_bad_steps_stops_with_checkpoint_intact(debug_config, tmp_path):
+  sentinel = debug_config.model.vocab_size - 1
+  data = _tokens(debug_config, rows=64) % sentinel
+  data[24:, 0] = sentinel  # From the 4th batch of 8 (unshuffled) on, every step is poisoned.
+
+  def poisoned(params, batch, rng, deterministic):
+    loss, w, aux = train.lm_loss_fn(debug_config.model)(params, batch, rng, deterministic)
+    return jnp.where(batch["tokens"][0, 0] == sentinel, jnp.nan, loss), w, aux
+
+  def task_fn(config, workdir, mesh):
+    task = _fake_task(data, 8, poisoned)(config, workdir, mesh)
+    ds = grain.MapDataset.source(data).batch(8).repeat()
+    task.train_iter = iter(ds.map(lambda x: {"tokens": x}).to_iter_dataset())
+    return task
+
+  debug_config.train.update(num_steps=20, max_bad_steps=3)
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  with pytest.raises(UserError, match="consecutive non-finite"):
+    train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  steps = checkpoint.make_manager(str(tmp_path), debug_config).all_steps()
+  # Steps 4..6 are skipped; the run stops at the third, before saving step 6.
+  assert max(steps) == 4, steps
+
+
+def test_corrupted_newest_checkpoint_falls_back(debug_config, tmp_path):
+  debug_config.train.num_steps = 4
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
+  train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  state_dir = tmp_path / "checkpoints" / "4" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  mesh = sharding.make_mesh(debug_config.mesh)
+  with sharding.activate(mesh, sharding.rules(debug_config)):
+    task = task_fn(debug_config, str(tmp_path), mesh)
+    tx = optim.make_optimizer(debug_config)
+    abstract, _ = train.state_shardings(task, tx, mesh, sharding.rules(debug_config), 0)
+    restored = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), debug_config), abstract, None)
+  assert restored is not None and restored[2] == 2 and int(restored[0].step) == 2
+
+
+def test_workdir_with_other_model_shape_is_refused(debug_config, tmp_path):
+  debug_config.train.num_steps = 2
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
+  saved = (tmp_path / "config.json").read_text()
+  debug_config.model.d_model = 64
+  with pytest.raises(UserError, match="model.d_model"):
+    train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
+  assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_mesh_must_cover_devices(debug_config):
+  debug_config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match="mesh"):
+    sharding.make_mesh(debug_config.mesh)
+
+
+def test_lr_schedule_shape(debug_config):
+  o = debug_config.optim
+  o.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+  s = optim.lr_schedule(o, 110)
+  assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
+  assert abs(float(s(60)) - 0.55) < 1e-6  # Half-way down the cosine: (1 + 0.1) / 2.
+  assert abs(float(s(110)) - 0.1) < 1e-6
+  o.schedule = "linear"
+  s = optim.lr_schedule(o, 110)
+  assert abs(float(s(60)) - 0.55) < 1e-6 and abs(float(s(110)) - 0.1) < 1e-6
+
+
+def test_weight_decay_only_on_matrices(debug_config):
+  params = model.init_params(debug_config.model, jax.random.key(0))
+  mask = optim.decay_mask(params)
+  assert mask["wte"] and mask["block_0"]["attn"]["c_attn"]["kernel"]
+  assert not mask["block_0"]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["ln"]["scale"]
+
+
+# ------------------------------------------------------- end to end (subprocess)
+
+
+def _main_cmd(workdir, *overrides):
+  return [
+    sys.executable,
+    "-m",
+    "gpt_jax.main",
+    "--config=configs/debug.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=8",
+    "--config.checkpoint.every_steps=4",
+    "--config.eval.every_steps=4",
+    "--config.log.every_steps=1",
+    "--config.sample.num_samples=0",
+    "--config.data.max_documents=6",
+    "--config.train.compilation_cache_dir=none",
+    *overrides,
+  ]
+
+
+def _env():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def _metrics(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bit_identical(tmp_path):
+  ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+  subprocess.run(_main_cmd(ref_dir), cwd=ROOT, env=_env(), check=True, capture_output=True)
+  proc = subprocess.Popen(
+    _main_cmd(run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 240
+  while not os.path.isdir(os.path.join(run_dir, "checkpoints", "4")) and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = subprocess.run(_main_cmd(run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "resumed from step" in done.stderr
+  ref, run = _metrics(ref_dir), _metrics(run_dir)
+  assert [ref[s] for s in range(5, 9)] == [run[s] for s in range(5, 9)]
+  _, p_ref = checkpoint.load_params(ref_dir)
+  _, p_run = checkpoint.load_params(run_dir)
+  jax.tree.map(np.testing.assert_array_equal, p_ref, p_run)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  run_dir = str(tmp_path / "run")
+  cmd = _main_cmd(run_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000")
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.time() + 240
+  metrics_file = os.path.join(run_dir, "metrics.jsonl")
+  while time.time() < deadline and not (os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  steps = [int(p) for p in os.listdir(os.path.join(run_dir, "checkpoints")) if p.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
