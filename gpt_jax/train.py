@@ -292,6 +292,7 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
   language-model pretraining (`pretrain_task`). Returns the final metrics.
   """
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+  metrics.quiet_library_logs()
   prepare_workdir(config, workdir)
   enable_compilation_cache(config, workdir)
   mesh = sharding.make_mesh(config.mesh)

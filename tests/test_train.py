@@ -169,6 +169,24 @@ def test_corrupted_newest_checkpoint_falls_back(debug_config, tmp_path):
   assert restored is not None and restored[2] == 2 and int(restored[0].step) == 2
 
 
+def test_resume_onto_another_mesh(debug_config, tmp_path):
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  debug_config.train.num_steps = 4
+  data = _tokens(debug_config, rows=32)
+  ref = train.run(debug_config, str(tmp_path / "ref"), task_fn=_fake_task(data, 8))
+  # Stop after 2 steps: both are warmup steps (optim.warmup_steps=2), whose
+  # learning rates do not depend on num_steps, so the runs stay comparable.
+  debug_config.train.num_steps = 2
+  train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  # Continue the same run (same schedule length) on an FSDP x tensor mesh.
+  debug_config.train.num_steps = 4
+  debug_config.mesh.update(data=1, fsdp=4, tensor=2)
+  got = train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  assert got["step"] == 4
+  np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
+
+
 def test_workdir_with_other_model_shape_is_refused(debug_config, tmp_path):
   debug_config.train.num_steps = 2
   debug_config.checkpoint.every_steps = 2
