@@ -223,9 +223,20 @@ class Decoded:
   logits_BNV: np.ndarray | None = None
 
 
-def _prepare(cfg, prompts, max_new_tokens, eot_id):
+def check_sampling(temperature, top_k, top_p, max_new_tokens=0) -> None:
+  """Raises UserError for a setting generate cannot use."""
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
     raise config_lib.UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+  if not temperature >= 0:
+    raise config_lib.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise config_lib.UserError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
+  if not 0 < top_p <= 1:
+    raise config_lib.UserError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+
+
+def _prepare(cfg, prompts, max_new_tokens, eot_id):
+  check_sampling(0.0, 0, 1.0, max_new_tokens)
   if max_new_tokens >= cfg.block_size:
     raise config_lib.UserError(
       f"max_new_tokens={max_new_tokens} must be < model.block_size={cfg.block_size} (room for the prompt)"
@@ -286,12 +297,7 @@ def decode(
   keep_logits: bool = False,
 ) -> Decoded:
   """The device part of `generate`: raw tokens (not cut), optionally the logits of every step."""
-  if temperature < 0:
-    raise config_lib.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-    raise config_lib.UserError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
-  if not 0 < top_p <= 1:
-    raise config_lib.UserError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+  check_sampling(temperature, top_k, top_p)
   tokens_BP, lengths_B = _prepare(model_cfg, prompts, max_new_tokens, eot_id)
   B, P = tokens_BP.shape
   _, stop_QL = _stop_array(stop_sequences)
@@ -554,6 +560,7 @@ def main(argv):
     raise config_lib.UserError("give exactly one of --workdir or --hf_dir")
   if F.num_samples < 1:
     raise config_lib.UserError(f"--num_samples={F.num_samples} must be >= 1")
+  check_sampling(F.temperature, F.top_k, F.top_p, F.max_new_tokens)
   from gpt_jax import checkpoint
 
   cfg, params, tokenizer = checkpoint.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir)

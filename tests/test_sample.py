@@ -329,3 +329,21 @@ def test_cli_json_on_hf_folder(gpt2_hf_dir):
 def test_cli_needs_exactly_one_source(gpt2_hf_dir):
   res = _cli("--prompt=x")
   assert res.returncode == 2 and res.stderr.strip() == "error: give exactly one of --workdir or --hf_dir"
+
+
+@pytest.mark.slow
+def test_cli_json_on_workdir(tmp_path, tiny, debug_config):
+  from gpt_jax import checkpoint, tokenizer
+
+  cfg, params = tiny
+  tok = tokenizer.train_bpe(["to be or not to be, that is the question. " * 20] * 5, 300)
+  debug_config.model = cfg
+  checkpoint.save_params(tmp_path / "run", debug_config, params, tokenizer=tok)
+  res = _cli(
+    f"--workdir={tmp_path / 'run'}", "--prompt=to be", "--max_new_tokens=8", "--temperature=0", "--json"
+  )
+  assert res.returncode == 0, res.stderr
+  [line] = [json.loads(line) for line in res.stdout.splitlines()]
+  ids, texts = sample._generate_texts(cfg, params, tok, ["to be"], max_new_tokens=8, temperature=0.0)
+  assert line == {"prompt": "to be", "tokens": ids[0], "text": texts[0]}
+  assert max(ids[0], default=0) < tok.vocab_size <= 300
