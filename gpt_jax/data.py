@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -154,14 +155,18 @@ def _build_cache(config, tokenizer, workdir: str, directory: Path) -> None:
     "splits": {},
   }
   start = time.perf_counter()
-  for split in SPLITS:
-    docs = data_sources.iter_documents(config.data, split, data_dir=data_dir)
-    n_docs, n_tokens = _tokenize_split(docs, tokenizer, tmp / f"{split}.npy", dtype)
-    if n_docs == 0:
-      raise UserError(f"{desc}: the {split} split has no documents")
-    header["splits"][split] = {"documents": n_docs, "tokens": n_tokens}
-  header["tokenize_seconds"] = round(time.perf_counter() - start, 2)
-  (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
+  try:
+    for split in SPLITS:
+      docs = data_sources.iter_documents(config.data, split, data_dir=data_dir)
+      n_docs, n_tokens = _tokenize_split(docs, tokenizer, tmp / f"{split}.npy", dtype)
+      if n_docs == 0:
+        raise UserError(f"{desc}: the {split} split has no documents")
+      header["splits"][split] = {"documents": n_docs, "tokens": n_tokens}
+    header["tokenize_seconds"] = round(time.perf_counter() - start, 2)
+    (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   tokenizer_lib.publish_dir(tmp, directory)
   logging.info("token cache %s: %s", directory, header["splits"])
 
@@ -244,6 +249,10 @@ def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, 
   read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(config.data.prefetch))
   it_ds = ds.to_iter_dataset(read)
   if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when starting workers; outside app.run
+      # (tests, notebooks) their defaults are what we want.
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)), worker_init_fn=_ignore_sigterm
     )

@@ -419,7 +419,11 @@ def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokeni
       tok = _build(config, str(directory.parent))
       _check_fits(tok, config)
       tmp = tmp_dir_for(directory)
-      tok.save(str(tmp), request=_request(config.data))
+      try:
+        tok.save(str(tmp), request=_request(config.data))
+      except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
       publish_dir(tmp, directory)
     else:
       wait_for(directory / META_FILE, "the tokenizer")
