@@ -176,7 +176,13 @@ def load_params(path, *, shardings=None):
     return config, params
   config = _run_config(path)
   abstract = model_lib.abstract_params(config.model)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract))
+  # Unboxed without sharding constraints: inside a mesh context (train.run) nn.unbox
+  # would constrain these ShapeDtypeStructs eagerly and fail.
+  abstract = jax.tree.map(
+    lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
+    abstract,
+    is_leaf=lambda b: isinstance(b, nn.Partitioned),
+  )
   if shardings is not None:
     abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
