@@ -1,4 +1,4 @@
-"""Evaluation data: task specs, item schemas, TFDS field maps, few-shot prompts, metrics.
+"""Evaluation data: task specs, item schemas, TFDS field maps, few-shot prompts, requests, metrics.
 
 The model-facing half (scoring, task runners, CLI) is gpt_jax/evaluate.py.
 
@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -332,6 +333,94 @@ def draw_shots(pool: Sequence[dict], k: int, seed: int, index: int, exclude_inde
   raise UserError(
     f"--num_fewshot={k}: item {index} has only {len(picks)} examples besides itself in the few-shot pool"
   )
+
+
+# --------------------------------------------------------------- requests
+
+
+def rolling_windows(tokens: Sequence[int], block_size: int, stride: int) -> list[tuple[list[int], list[int]]]:
+  """Requests that score tokens[1:] exactly once each, given tokens[0] (EOT) and what follows.
+
+  The first window predicts up to block_size tokens from the start; each later
+  one predicts the next `stride` tokens with as much preceding context as
+  fits (block_size + 1 - stride tokens, more in a shorter last window).
+  stride = block_size gives lm-evaluation-harness's disjoint windows.
+  """
+  tokens = list(tokens)
+  if len(tokens) < 2:
+    return []
+  first = min(len(tokens), block_size + 1)
+  out = [(tokens[:1], tokens[1:first])]
+  start = first
+  while start < len(tokens):
+    end = min(start + stride, len(tokens))
+    out.append((tokens[max(0, end - block_size - 1) : start], tokens[start:end]))
+    start = end
+  return out
+
+
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+  """Moves the context's trailing whitespace to the front of the continuation.
+
+  BPE vocabularies attach a space to the word after it (" Paris"), so the
+  continuation is tokenised as the model saw such words in training.
+  """
+  stripped = context.rstrip()
+  return stripped, context[len(stripped) :] + continuation
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """Context and continuation tokenised separately (after `split_pair`); EOT for an empty context."""
+  context, continuation = split_pair(context, continuation)
+  return (tok.encode(context) if context else []) or [tok.eot_id], tok.encode(continuation)
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+  """Text before the earliest occurrence of any stop string."""
+  cuts = [text.find(s) for s in until if s and s in text]
+  return text[: min(cuts)] if cuts else text
+
+
+# ----------------------------------------------------------------- output
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+  rows = [("task", "metric", "value", "stderr")]
+  for task, metrics in results.items():
+    for name, value in metrics.items():
+      if name.endswith("_stderr"):
+        continue
+      se = metrics.get(f"{name}_stderr")
+      shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+      rows.append((task, name, shown, "" if se is None else f"± {se:.4f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # JSON has no NaN / inf (a standard error of one item is undefined).
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  return x
+
+
+def write_json(path: str, obj, lines: bool = False) -> None:
+  """Writes next to the target, then renames: an interrupted run never leaves half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    if lines:
+      f.writelines(json.dumps(json_safe(o), ensure_ascii=False) + "\n" for o in obj)
+    else:
+      json.dump(json_safe(obj), f, indent=2, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+def unescape(text: str) -> str:
+  """Flag values may spell newlines and tabs as \\n and \\t."""
+  return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 # ---------------------------------------------------------------- metrics

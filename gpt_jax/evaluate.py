@@ -11,23 +11,23 @@ perplexity and bits per byte of documents, GPT-2 §3.1), `last_word`
 
 Every task runs through one scorer, `score_requests`: (context ids,
 continuation ids) pairs -> summed log-probability of the continuation, its
-token count, and whether greedy decoding would produce it. Requests are
-sorted by length, packed into batches of a fixed row count padded on the
-right to a power-of-two length (few compilations), and returned in their
-original order. Right padding leaves every real position's logits unchanged
-(causal attention, positions from 0), and the per-token log-probabilities
-are summed on the host in float64, so scores do not depend on the batch
-size or the padding.
+token count, and whether greedy decoding would produce it. Each request is
+right-padded to its length bucket (a power of two from MIN_BUCKET up to
+block_size: few compilations); a bucket's requests are packed longest first
+into batches of max(batch_size, MIN_TOKENS // bucket) rows, and scores come
+back in the original order. Right padding leaves every real position's
+logits unchanged (causal attention, positions from 0), padded positions are
+masked out, and per-token log-probabilities are summed on the host in
+float64, so scores do not depend on the batch size or on what else is
+evaluated (bit for bit on CPU; see MIN_TOKENS).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -187,27 +187,6 @@ def score_requests(
   return scores
 
 
-def rolling_windows(tokens: Sequence[int], block_size: int, stride: int) -> list[tuple[list[int], list[int]]]:
-  """Requests that score tokens[1:] exactly once each, given tokens[0] (EOT) and what follows.
-
-  The first window predicts up to block_size tokens from the start; each later
-  one predicts the next `stride` tokens with as much preceding context as
-  fits (block_size + 1 - stride tokens, more in a shorter last window).
-  stride = block_size gives lm-evaluation-harness's disjoint windows.
-  """
-  tokens = list(tokens)
-  if len(tokens) < 2:
-    return []
-  first = min(len(tokens), block_size + 1)
-  out = [(tokens[:1], tokens[1:first])]
-  start = first
-  while start < len(tokens):
-    end = min(start + stride, len(tokens))
-    out.append((tokens[max(0, end - block_size - 1) : start], tokens[start:end]))
-    start = end
-  return out
-
-
 # ----------------------------------------------------------------- tasks
 
 
@@ -266,22 +245,6 @@ class _Job:
     )
 
 
-def split_pair(context: str, continuation: str) -> tuple[str, str]:
-  """Moves the context's trailing whitespace to the front of the continuation.
-
-  BPE vocabularies attach a space to the word after it (" Paris"), so the
-  continuation is tokenised as the model saw such words in training.
-  """
-  stripped = context.rstrip()
-  return stripped, context[len(stripped) :] + continuation
-
-
-def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """Context and continuation tokenised separately (after `split_pair`); EOT for an empty context."""
-  context, continuation = split_pair(context, continuation)
-  return (tok.encode(context) if context else []) or [tok.eot_id], tok.encode(continuation)
-
-
 def _fit(shots: list[str], fits) -> tuple[list[str], bool]:
   """Drops whole shots, first ones first, until `fits(shots)`; (shots kept, any dropped)."""
   dropped = False
@@ -302,7 +265,7 @@ def _run_perplexity(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
   for d, ids in enumerate(docs):
     # EOT first: every token of the document is predicted, the first one
     # from the document boundary, as GPT-2 saw documents in training.
-    for req in rolling_windows([job.tok.eot_id, *ids], block, stride):
+    for req in eval_tasks.rolling_windows([job.tok.eot_id, *ids], block, stride):
       requests.append(req)
       owner.append(d)
   nll, num_tokens = np.zeros(len(docs)), np.zeros(len(docs))
@@ -368,7 +331,7 @@ def _run_multiple_choice(job: _Job, items, shots_for) -> tuple[dict, list[dict]]
     pairs = list(zip(item["contexts"], item["continuations"]))
 
     def encoded(shots, pairs=pairs):
-      return [encode_pair(job.tok, job.prompt(shots, c), x) for c, x in pairs]
+      return [eval_tasks.encode_pair(job.tok, job.prompt(shots, c), x) for c, x in pairs]
 
     def fits(shots, encoded=encoded):
       return all(len(c) + len(x) - 1 <= block for c, x in encoded(shots))
@@ -376,13 +339,15 @@ def _run_multiple_choice(job: _Job, items, shots_for) -> tuple[dict, list[dict]]
     shots, was_dropped = _fit(shots_for(i, item), fits)
     dropped += was_dropped
     requests.extend(encoded(shots))
-    conts.append([split_pair(c, x)[1] for c, x in pairs])
+    conts.append([eval_tasks.split_pair(c, x)[1] for c, x in pairs])
   _warn_dropped(job.name, dropped)
   uncond = []
   if job.opts.unconditional_norm:
     # GPT-3 §2.4: P(completion | context) / P(completion | "Answer:").
     uncond = [
-      encode_pair(job.tok, job.opts.uncond_prompt, x) for item in items for x in item["continuations"]
+      eval_tasks.encode_pair(job.tok, job.opts.uncond_prompt, x)
+      for item in items
+      for x in item["continuations"]
     ]
   scores = job.score(requests + uncond)
   cond_scores, uncond_scores = scores[: len(requests)], scores[len(requests) :]
@@ -428,7 +393,17 @@ def _run_generate(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
     # Left truncation, as in scoring: the newest context matters most.
     prompt_ids.append(job.prompt_ids(shots, context)[-(block - max_new) :])
   _warn_dropped(job.name, dropped)
-  texts = generate_texts(job, prompt_ids, job.opts.until, max_new)
+  texts = generate_texts(
+    job.cfg,
+    job.params,
+    job.tok,
+    prompt_ids,
+    until=job.opts.until,
+    max_new_tokens=max_new,
+    batch_size=job.opts.batch_size,
+    progress=job.opts.progress,
+    desc=job.name,
+  )
   em = [eval_tasks.exact_match(t, it["answers"]) for t, it in zip(texts, items)]
   f1 = [eval_tasks.f1(t, it["answers"]) for t, it in zip(texts, items)]
   m = {}
@@ -441,36 +416,47 @@ def _run_generate(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
   return m, samples
 
 
-def cut_at_stop(text: str, until: Sequence[str]) -> str:
-  """Text before the earliest occurrence of any stop string."""
-  cuts = [text.find(s) for s in until if s and s in text]
-  return text[: min(cuts)] if cuts else text
+def generate_texts(
+  model_cfg,
+  params,
+  tokenizer,
+  prompts: list[list[int]],
+  *,
+  until: Sequence[str],
+  max_new_tokens: int,
+  batch_size: int,
+  progress: bool = False,
+  desc: str = "generating",
+  **sampling,
+) -> list[str]:
+  """Continuations of token prompts as text, cut before the first stop string.
 
-
-def generate_texts(job, prompts: list[list[int]], until: Sequence[str], max_new_tokens: int, temperature=0.0):
-  """Greedy continuations (text, cut before the first stop string) with the KV-cache sampler.
-
-  Prompts go to the sampler in length-sorted groups of batch_size, so each
-  group pads to a similar length; results come back in the input order.
+  Greedy unless `sampling` (temperature, top_k, top_p, seed: see
+  gpt_jax.sample.generate) says otherwise. Prompts go to the KV-cache sampler
+  in length-sorted groups of batch_size, so each group pads to a similar
+  length; results come back in the input order.
   """
   from gpt_jax import sample
 
-  stops = [job.tok.encode(s) for s in until if s]
+  sampling.setdefault("temperature", 0.0)
+  # Never emit ids the tokenizer cannot decode (a model vocabulary padded past it).
+  sampling.setdefault("vocab_limit", min(tokenizer.vocab_size, model_cfg.vocab_size))
+  stops = [tokenizer.encode(s) for s in until if s]
   order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
   texts = [""] * len(prompts)
-  groups = [order[s : s + job.opts.batch_size] for s in range(0, len(order), job.opts.batch_size)]
-  for group in tqdm(groups, desc=job.name, unit="batch", disable=not job.opts.progress, leave=False):
+  groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+  for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
     outs = sample.generate(
-      job.cfg,
-      job.params,
+      model_cfg,
+      params,
       [prompts[i] for i in group],
       max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      eot_id=job.tok.eot_id,
+      eot_id=tokenizer.eot_id,
       stop_sequences=stops,
+      **sampling,
     )
     for i, ids in zip(group, outs):
-      texts[i] = cut_at_stop(job.tok.decode(ids), until)
+      texts[i] = eval_tasks.cut_at_stop(tokenizer.decode(ids), until)
   return texts
 
 
@@ -564,45 +550,6 @@ def run_tasks(
 # -------------------------------------------------------------------- CLI
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-  rows = [("task", "metric", "value", "stderr")]
-  for task, metrics in results.items():
-    for name, value in metrics.items():
-      if name.endswith("_stderr"):
-        continue
-      se = metrics.get(f"{name}_stderr")
-      shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-      rows.append((task, name, shown, "" if se is None else f"± {se:.4f}"))
-  widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _json_safe(x):
-  if isinstance(x, float) and not math.isfinite(x):
-    return None  # JSON has no NaN / inf (a standard error of one item is undefined).
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  return x
-
-
-def _write_json(path: str, obj, lines: bool = False) -> None:
-  """Writes next to the target, then renames: an interrupted run never leaves half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    if lines:
-      f.writelines(json.dumps(_json_safe(o), ensure_ascii=False) + "\n" for o in obj)
-    else:
-      json.dump(_json_safe(obj), f, indent=2, ensure_ascii=False)
-  os.replace(tmp, path)
-
-
-def unescape(text: str) -> str:
-  """Flag values may spell newlines and tabs as \\n and \\t."""
-  return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "gpt_jax workdir (or params export) to evaluate.")
   flags.DEFINE_string("hf_dir", None, "Local Hugging Face GPT-2 folder to evaluate.")
@@ -644,8 +591,8 @@ def main(argv) -> None:
     unconditional_norm=f.unconditional_norm,
     uncond_prompt=f.uncond_prompt,
     fewshot_file=f.fewshot_file,
-    fewshot_separator=unescape(f.fewshot_separator),
-    until=tuple(unescape(u) for u in f.until),
+    fewshot_separator=eval_tasks.unescape(f.fewshot_separator),
+    until=tuple(eval_tasks.unescape(u) for u in f.until),
     max_gen_tokens=f.max_gen_tokens,
     tfds_data_dir=f.tfds_data_dir,
     progress=True,
@@ -657,13 +604,15 @@ def main(argv) -> None:
   model_cfg, params, tok = checkpoint.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir)
   results = evaluate_specs(model_cfg, params, tok, f.task, opts)
   table = {r.name: r.metrics for r in results}
-  print(format_table(table), flush=True)
+  print(eval_tasks.format_table(table), flush=True)
   if f.output:
     run_config = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
     run_config.update(workdir=f.workdir, hf_dir=f.hf_dir, tasks=list(f.task), model=dict(model_cfg))
-    _write_json(f.output, {"tasks": table, "config": run_config})
+    eval_tasks.write_json(f.output, {"tasks": table, "config": run_config})
   if f.samples_output:
-    _write_json(f.samples_output, [{"task": r.name, **s} for r in results for s in r.samples], lines=True)
+    eval_tasks.write_json(
+      f.samples_output, [{"task": r.name, **s} for r in results for s in r.samples], lines=True
+    )
 
 
 if __name__ == "__main__":
