@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.bpe_vocab_size = 8192  # Vocabulary of the trained BPE (incl. <|endoftext|>).
   d.shuffle_seed = 0
   d.num_workers = 0  # grain worker processes (0 = in the main process).
-  d.prefetch = 16  # grain read-ahead buffer (records).
+  d.prefetch = 16  # grain read-ahead buffer (batches).
   d.max_documents = 0  # Use only the first N documents (0 = all); for quick tests.
 
   # ---------------------------------------------------------------- train
@@ -186,6 +186,48 @@ def get_config() -> ml_collections.ConfigDict:
   # GPT-1 task fine-tuning and DialoGPT (job="finetune"; gpt_jax/finetune.py).
   f = c.finetune = ml_collections.ConfigDict()
   # BEGIN finetune fields (owned by gpt_jax/finetune.py)
+  # GPT-1 §3.3 input transforms: "classification" (start text extract),
+  # "entailment" (start premise delim hypothesis extract), "similarity" (both
+  # orders, extract states added), "multiple_choice" (start context delim
+  # answer_k extract, softmax over k); or "dialogue" (DialoGPT: turns joined by
+  # <|endoftext|>, language-model loss on the response turns).
   f.task = "classification"
+  # The pretrained model: a gpt_jax workdir / params export or a Hugging Face
+  # GPT-2 folder. finetune.run moves config.init_from here (train.run would
+  # load it as a plain GPT tree); "" = random init.
+  f.pretrained = ""
+  # Data: local .jsonl / .csv files (columns in gpt_jax/finetune_data.py), or
+  # a TFDS name read from its array_record files (glue/sst2, glue/mnli, ...).
+  f.train_path = ""
+  f.eval_path = ""  # "" with no tfds_name: no validation metrics, no best/.
+  f.tfds_name = ""
+  f.tfds_data_dir = ""  # Where the TFDS dataset is prepared ("" = TFDS's default).
+  f.train_split = "train"
+  f.eval_split = "validation"  # glue/mnli: "validation_matched".
+  # Record fields holding the inputs, comma-separated, in transform order;
+  # "" = the task's defaults (text | premise,hypothesis | text_a,text_b |
+  # context,choices). glue/sst2: "sentence"; glue/rte: "sentence1,sentence2".
+  f.fields = ""
+  f.label_field = "label"
+  # Comma-separated label names, for files whose labels are strings
+  # (index = position); "" = integer labels.
+  f.labels = ""
+  f.num_classes = 2  # Classes of the linear head (not multiple_choice / regression).
+  # Similarity scores (STS-B): one output, mean squared error, Pearson and
+  # Spearman correlations instead of accuracy / F1.
+  f.regression = False
+  f.lm_coef = 0.5  # λ in L3 = L2 + λ·L1 (GPT-1 §3.2: 0.5); 0 = classifier loss only.
+  f.head_dropout = 0.1  # Dropout before the linear head (GPT-1 §4.1).
+  # Passes over the training set (GPT-1: 3); sets train.num_steps and
+  # eval.every_steps (one evaluation per epoch). 0 = keep train.num_steps.
+  f.epochs = 3.0
+  f.warmup_fraction = 0.002  # GPT-1 §4.1: linear warmup over 0.2% of training.
+  f.max_len = 0  # Tokens per sequence, specials included; 0 = model.block_size.
+  f.max_examples = 0  # Use only the first N examples of each split (0 = all).
+  f.best_metric = ""  # Validation metric that selects best/; "" = accuracy (pearson for regression).
+  f.loss_turns = "last"  # dialogue: loss on the "last" turn only, or "all" non-first turns.
+  # dialogue: reverse the turn order (the backward model P(source | response)
+  # used for MMI reranking; pair it with loss_turns="all").
+  f.reverse_turns = False
   # END finetune fields
   return c

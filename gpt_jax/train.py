@@ -384,6 +384,8 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
     writer.close()
     manager.wait_until_finished()
     manager.close()
+    if hasattr(task.train_iter, "close"):  # grain worker processes and their shared memory.
+      task.train_iter.close()
   return final
 
 
@@ -526,12 +528,7 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
   from gpt_jax import data
   from gpt_jax import tokenizer as tokenizer_lib
 
-  tok = tokenizer_lib.for_run(config, workdir)
-  if tok.vocab_size > config.model.vocab_size:
-    raise config_lib.ConfigError(
-      f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-      f"vocabulary ({tok.vocab_size})"
-    )
+  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
   pi, pc = jax.process_index(), jax.process_count()
   train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
   eval_bs = config.eval.batch_size or config.train.batch_size
