@@ -15,6 +15,11 @@ from gpt_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process jobs (gpt_jax/distributed.py): TPU pods and SLURM are detected;
+# anything else (launch/local.sh, a custom launcher) passes these three.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 @config_lib.cli_main
@@ -23,6 +28,10 @@ def main(argv):
     raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_lib.validate(_CONFIG.value)
   logging.set_verbosity(logging.INFO)
+  from gpt_jax import distributed
+
+  # Before anything touches devices: jax.devices() fixes the device set.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from gpt_jax import train
 
   if config.job == "finetune":

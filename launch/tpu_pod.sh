@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM pod slice: create (or reuse) the slice, install this
+# checkout on every worker, run the same `python -m gpt_jax.main` on all
+# workers (jax.distributed finds its peers from the TPU metadata), stream the
+# logs, and delete the slice on request.
+#
+#   launch/tpu_pod.sh --name=NAME --zone=ZONE --accelerator-type=v5litepod-16 [options] \
+#       -- --config=configs/gpt2_xl.py --workdir=gs://BUCKET/runs/xl [--config.x.y=...]
+#
+# Options:
+#   --name=NAME               TPU VM name (required)
+#   --zone=ZONE               e.g. us-west4-a (required)
+#   --project=PROJECT         gcloud project (default: gcloud's configured one)
+#   --accelerator-type=TYPE   v5litepod-16, v4-32, v5p-64, v6e-8 ... (default v5litepod-8)
+#   --version=RUNTIME         TPU VM image (default: v2-alpha-tpuv5-lite for v5e, tpu-ubuntu2204-base otherwise)
+#   --spot | --preemptible    cheaper capacity that may be reclaimed (a SIGTERM: the trainer saves and exits;
+#                             run the same command again to resume)
+#   --queued                  request capacity through a queued resource (waits until it is ACTIVE)
+#   --valid-until=DURATION    queued request expiry, e.g. 6h
+#   --jax-version=X           jax[tpu]==X on the workers (default: this machine's jax)
+#   --remote-dir=DIR          checkout location on the workers (default gpt_jax, under $HOME)
+#   --skip-install            reuse what is installed on the workers
+#   --preflight               plan the config for this slice first (python -m gpt_jax.plan
+#                             --target=tpu:TYPE --check, needs libtpu here) and refuse a config that does not fit
+#   --logs                    only stream worker 0's log of a running job (tail -f)
+#   --delete                  delete the slice (and queued resource) at the end, or alone: just delete
+#   --dry-run                 print the commands, run nothing
+# The workdir must be a gs:// path (workers share no disk); checkpoints go there.
+set -euo pipefail
+
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+
+name="" zone="" project="" accel="v5litepod-8" version="" capacity="" queued=0 valid_until=""
+jax_version="" remote_dir="gpt_jax" skip_install=0 preflight=0 logs_only=0 delete=0 dry_run=0
+python_bin="${PYTHON:-python}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --accelerator-type=*) accel="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --spot) capacity="--spot" ;;
+    --preemptible) capacity="--preemptible" ;;
+    --queued) queued=1 ;;
+    --valid-until=*) valid_until="${1#*=}" ;;
+    --jax-version=*) jax_version="${1#*=}" ;;
+    --remote-dir=*) remote_dir="${1#*=}" ;;
+    --skip-install) skip_install=1 ;;
+    --preflight) preflight=1 ;;
+    --logs) logs_only=1 ;;
+    --delete) delete=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "tpu_pod.sh: unknown option $1 (training flags go after --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+main_args=("$@")
+
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+[[ -n "$name" ]] || die "--name is required"
+[[ -n "$zone" ]] || die "--zone is required"
+if ((queued)) && [[ "$capacity" == "--preemptible" ]]; then
+  die "queued resources take --spot, not --preemptible"
+fi
+if [[ -z "$version" ]]; then
+  case "$accel" in
+    v5litepod-* | v5e-*) version="v2-alpha-tpuv5-lite" ;;
+    v6e-*) version="v2-alpha-tpuv6e" ;;
+    v5p-*) version="v2-alpha-tpuv5" ;;
+    *) version="tpu-ubuntu2204-base" ;;
+  esac
+fi
+
+config="" workdir=""
+overrides=()
+for a in "${main_args[@]}"; do
+  case "$a" in
+    --config=*) config="${a#*=}" ;;
+    --workdir=*) workdir="${a#*=}" ;;
+    --config.*) overrides+=("$a") ;;
+  esac
+done
+run_job=$(( ${#main_args[@]} > 0 ))
+if ((run_job)); then
+  [[ -n "$config" ]] || die "give --config=... after --"
+  [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path: the workers share no disk (got '${workdir}')"
+elif ((!delete && !logs_only)); then
+  die "nothing to do: give training flags after --, or --logs, or --delete"
+fi
+
+gcloud_tpu=(gcloud compute tpus)
+where=("--zone=$zone")
+[[ -n "$project" ]] && where+=("--project=$project")
+
+# Words as a shell would need them typed: plain when safe, else in single quotes.
+quote() {
+  local out="" word
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//\'/\'\\\'\'}' "
+    fi
+  done
+  printf '%s' "${out% }"
+}
+# Runs (or, with --dry-run, prints) one command.
+run() {
+  if ((dry_run)); then
+    quote "$@"
+    echo
+  else
+    echo "+ $(quote "$@")" >&2
+    "$@"
+  fi
+}
+remote() { run "${gcloud_tpu[@]}" tpu-vm ssh "$name" "${where[@]}" --worker=all --command="$1"; }
+
+delete_slice() {
+  if ((queued)); then
+    run "${gcloud_tpu[@]}" queued-resources delete "$name" "${where[@]}" --force --quiet
+  else
+    run "${gcloud_tpu[@]}" tpu-vm delete "$name" "${where[@]}" --quiet
+  fi
+}
+
+log_file="\$HOME/$remote_dir-train.log"
+if ((logs_only)); then
+  run "${gcloud_tpu[@]}" tpu-vm ssh "$name" "${where[@]}" --worker=0 --command="tail -n 200 -F $log_file"
+  exit 0
+fi
+if ((!run_job)); then
+  delete_slice
+  exit 0
+fi
+
+# 1. Preflight on this machine: the TPU compiler's own memory plan for the slice.
+if ((preflight)); then
+  plan_cmd=("$python_bin" -m gpt_jax.plan "--config=$config" "${overrides[@]}" "--target=tpu:$accel" --check)
+  if ! run "${plan_cmd[@]}"; then
+    echo "tpu_pod.sh: preflight failed: the configuration does not fit $accel (see above); not starting" >&2
+    exit 3
+  fi
+fi
+
+# 2. Create the slice, or reuse one of that name.
+exists=0
+if ((!dry_run)) && "${gcloud_tpu[@]}" tpu-vm describe "$name" "${where[@]}" >/dev/null 2>&1; then
+  exists=1
+  echo "tpu_pod.sh: reusing TPU VM $name" >&2
+fi
+if ((!exists)); then
+  ((dry_run)) && echo "# unless TPU VM $name exists already:"
+  if ((queued)); then
+    create=("${gcloud_tpu[@]}" queued-resources create "$name" "${where[@]}" "--node-id=$name"
+      "--accelerator-type=$accel" "--runtime-version=$version")
+    [[ -n "$capacity" ]] && create+=("$capacity")
+    [[ -n "$valid_until" ]] && create+=("--valid-until-duration=$valid_until")
+    run "${create[@]}"
+    if ((!dry_run)); then
+      echo "tpu_pod.sh: waiting for queued resource $name to become ACTIVE" >&2
+      while :; do
+        state=$("${gcloud_tpu[@]}" queued-resources describe "$name" "${where[@]}" --format='value(state.state)')
+        case "$state" in
+          ACTIVE) break ;;
+          FAILED | SUSPENDED) die "queued resource $name is $state" ;;
+        esac
+        sleep 30
+      done
+    fi
+  else
+    create=("${gcloud_tpu[@]}" tpu-vm create "$name" "${where[@]}" "--accelerator-type=$accel" "--version=$version")
+    [[ -n "$capacity" ]] && create+=("$capacity")
+    run "${create[@]}"
+  fi
+fi
+
+# 3. This checkout (tracked files, as they are now) and its requirements on every worker.
+if ((!skip_install)); then
+  repo=$(cd "$(dirname "$0")/.." && pwd)
+  bundle="${TMPDIR:-/tmp}/gpt_jax-$name.tgz"
+  if [[ -z "$jax_version" ]]; then
+    if ((dry_run)); then
+      jax_version="JAX_VERSION"
+    else
+      jax_version=$("$python_bin" -c 'import jax; print(jax.__version__)')
+    fi
+  fi
+  if ((dry_run)); then
+    echo "(cd $(quote "$repo") && git ls-files -z | tar --null -T - -czf $(quote "$bundle"))"
+  else
+    (cd "$repo" && git ls-files -z | tar --null -T - -czf "$bundle")
+  fi
+  run "${gcloud_tpu[@]}" tpu-vm scp "$bundle" "$name:gpt_jax.tgz" "${where[@]}" --worker=all
+  remote "mkdir -p ~/$remote_dir && tar xzf ~/gpt_jax.tgz -C ~/$remote_dir && cd ~/$remote_dir && python3 -m pip install -q -r requirements.txt \"jax[tpu]==$jax_version\""
+fi
+
+# 4. The same command on every worker; gcloud streams their output (only
+# process 0 logs), and each worker keeps a copy in ~/<remote-dir>-train.log.
+status=0
+remote "cd ~/$remote_dir && python3 -m gpt_jax.main $(quote "${main_args[@]}") 2>&1 | tee -a $log_file; exit \${PIPESTATUS[0]}" || status=$?
+
+# 5. Delete on request (also after a failure: the checkpoints are in the gs:// workdir).
+if ((delete)); then
+  delete_slice
+fi
+exit "$status"
