@@ -28,7 +28,13 @@ def _load_by_path(path: Path):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
 def test_every_config_file_loads_and_validates(path):
-  config = config_lib.validate(_load_by_path(path))
+  config = _load_by_path(path)
+  if config.job == "finetune" and not config.finetune.train_path and not config.finetune.tfds_name:
+    # Fine-tuning templates take their data on the command line (--config.finetune.train_path=...).
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.finetune\.train_path=''"):
+      config_lib.validate(config)
+    config.finetune.train_path = "train.jsonl"
+  config = config_lib.validate(config)
   assert isinstance(config.model.attention_pattern, tuple)
   # Every rung builds a model: shapes trace without errors.
   assert model.param_count(model.abstract_params(config.model)) > 0
