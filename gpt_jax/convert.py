@@ -432,8 +432,9 @@ def to_hf(model_config, params, out_dir, *, tokenizer_dir=None) -> Path:
 
 def _default_tokenizer_dir(ckpt: Path, config) -> Path | None:
   """Tokenizer files for an export: the checkpoint's own, else the config's GPT-2 BPE files, if they fit."""
-  # A params export or workdir keeps its tokenizer in tokenizer/; a step directory two levels up.
-  candidates = [ckpt / "tokenizer", ckpt.parent.parent / "tokenizer"]
+  # A params export or workdir keeps its tokenizer in tokenizer/, a step directory two levels up,
+  # a Hugging Face folder (also accepted by checkpoint.load_params) beside its weights.
+  candidates = [ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", ckpt]
   data = config.get("data")
   if data is not None and data.get("tokenizer") == "gpt2":
     if data.get("tokenizer_path"):
