@@ -338,19 +338,19 @@ def test_fewshot_never_draws_the_item_and_seeds_differ():
 def test_fewshot_drops_whole_examples_that_do_not_fit(tmp_path, tok, ours):
   cfg, params = ours
   long = "the quick brown fox jumps over the lazy dog and the cat sat on the mat today"
-  assert len(tok.encode(long)) > BLOCK // 2
-  fewshot = _write_jsonl(tmp_path / "shots.jsonl", [{"text": long}, {"text": "red house."}])
+  pool = [{"text": long}, {"text": "red house."}, {"text": long + " again"}]
+  fewshot = _write_jsonl(tmp_path / "shots.jsonl", pool)
   path = _write_jsonl(tmp_path / "lw.jsonl", [{"text": "the dog ran over the river bank"}])
-  opts = evaluate.Options(batch_size=1, num_fewshot=2, fewshot_file=fewshot, fewshot_separator=" | ")
+  opts = evaluate.Options(batch_size=1, num_fewshot=3, fewshot_file=fewshot, fewshot_separator=" | ")
   res = evaluate.run_task(cfg, params, tok, f"last_word:{path}", opts)
-  prompt = res.samples[0]["prompt"]
-  assert prompt.endswith(" | the dog ran over the river")
-  # Whole examples only: either the short one alone, never a piece of the long one.
-  assert prompt in (
-    "red house. | the dog ran over the river",
-    "the dog ran over the river",
-  ) or prompt.startswith(long)
-  assert len(tok.encode(prompt)) + len(tok.encode(" bank")) - 1 <= BLOCK
+  # Expected: the drawn shots minus as few leading ones as needed to fit the context.
+  drawn = [
+    s["text"] for s in eval_tasks.draw_shots(pool, 3, 0, 0, None, {"text": "the dog ran over the river bank"})
+  ]
+  candidates = [" | ".join([*drawn[k:], "the dog ran over the river"]) for k in range(4)]
+  fitting = [c for c in candidates if len(tok.encode(c)) + len(tok.encode(" bank")) - 1 <= BLOCK]
+  assert fitting[0] != candidates[0]  # something had to go
+  assert res.samples[0]["prompt"] == fitting[0]
 
 
 # ----------------------------------------------------------------- metrics
