@@ -82,11 +82,16 @@ def _in_range(config, field, lo, hi, hi_inclusive=False):
 
 
 def normalize_pattern(value) -> tuple[str, ...]:
-  """attention_pattern from the command line may be "dense,local"."""
-  if isinstance(value, str):
-    value = [p.strip() for p in value.replace("(", "").replace(")", "").replace("'", "").split(",")]
-    value = [p for p in value if p]
-  return tuple(value)
+  """attention_pattern from the command line: "dense,local" arrives as a
+  string or, through config_flags, as the one-element tuple ("dense,local",)."""
+  items = [value] if isinstance(value, str) else list(value)
+  parts = []
+  for item in items:
+    if isinstance(item, str):
+      parts += [p.strip(" '\"") for p in item.replace("(", "").replace(")", "").split(",")]
+    else:
+      parts.append(item)
+  return tuple(p for p in parts if p)
 
 
 def validate_model(m, prefix: str = "model") -> None:

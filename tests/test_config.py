@@ -119,11 +119,6 @@ def test_attention_pattern_string_is_normalised():
   assert model.layer_windows(config.model) == [None, 8]
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="config_flags turns --config.model.attention_pattern=dense,local into ('dense,local',), which "
-  "normalize_pattern does not split (gpt_jax/config.py; remove this marker once it does)",
-)
 def test_attention_pattern_as_config_flags_parses_it():
   config = config_lib.validate(_debug(model__attention_pattern=("dense,local",)))
   assert config.model.attention_pattern == ("dense", "local")
