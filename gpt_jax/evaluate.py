@@ -582,6 +582,10 @@ def main(argv) -> None:
   for path in [s.path for s in specs if s.path] + ([f.fewshot_file] if f.fewshot_file else []):
     if not os.path.isfile(path):
       raise UserError(f"{path}: no such file")
+  for flag in ("output", "samples_output"):  # Fail now, not after the evaluation.
+    folder = os.path.dirname(os.path.abspath(f[flag].value)) if f[flag].value else ""
+    if folder and not os.path.isdir(folder):
+      raise UserError(f"--{flag}={f[flag].value}: folder {folder} does not exist")
   opts = Options(
     batch_size=f.batch_size,
     num_fewshot=f.num_fewshot,

@@ -536,6 +536,12 @@ def _cli(*args):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
   out = _cli("--hf_dir=/nope", f"--task=multiple_choice:{tmp_path}/missing.jsonl")
   assert out.returncode == 2 and out.stderr.strip() == f"error: {tmp_path}/missing.jsonl: no such file"
+  task = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}])
+  out = _cli("--hf_dir=/nope", f"--task=perplexity:{task}", f"--output={tmp_path}/no/r.json")
+  assert (
+    out.returncode == 2
+    and out.stderr.strip() == f"error: --output={tmp_path}/no/r.json: folder {tmp_path}/no does not exist"
+  )
 
 
 @pytest.mark.slow
