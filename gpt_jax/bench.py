@@ -1,0 +1,366 @@
+"""Benchmarks: how close a run is to the hardware's limit, and to the tools people use instead.
+
+  python -m gpt_jax.bench train --config=configs/gpt2_small.py --config.model.num_layers=6 \
+      --config.model.dtype=float32 --config.train.batch_size=4 --config.train.seq_len=256 --compare=hf_torch
+  python -m gpt_jax.bench sample --config=configs/gpt2_small.py --config.model.num_layers=6 --compare=hf_torch
+
+`train` compiles the real train step (gpt_jax.plan.train_program: the
+shardings, donation and accumulation of train.run) on all devices, warms
+up, then times steps one by one with block_until_ready: tokens/s, step time
+(median and spread), MFU by the PaLM formula against the device's peak
+(accelerators: config.log.peak_flops or the known bf16 peak) or, on CPU, a
+float32 matmul peak measured in the same run, and peak memory.
+`--compare=hf_torch` times transformers' GPT2LMHeadModel (forward, backward,
+clipping, AdamW) at the same shape, dtype, batch and thread count in the
+same process, in alternating rounds so both see the same machine load, and
+prints the ratio. `sample` times KV-cache decoding against transformers'
+`generate` (gpt_jax.sample.benchmark_generate). Everything printed is also
+written as JSON with --json_out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gpt_jax import config as config_lib
+from gpt_jax.config import UserError
+
+
+def _stats(seconds: list[float]) -> dict:
+  s = np.asarray(seconds)
+  return {
+    "median_s": float(np.median(s)),
+    "min_s": float(s.min()),
+    "p90_s": float(np.percentile(s, 90)),
+    # Spread: interquartile range relative to the median.
+    "iqr_pct": float(100 * (np.percentile(s, 75) - np.percentile(s, 25)) / np.median(s)),
+    "steps": len(seconds),
+  }
+
+
+def _peak_memory() -> tuple[float, str]:
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use (device 0)"
+  # CPU: the process's peak resident set (params, optimiser state, temporaries, Python).
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process peak RSS"
+
+
+# ------------------------------------------------------------------ ours
+
+
+class _JaxTrainer:
+  """The compiled train step on real (random) parameters and a fixed random batch."""
+
+  def __init__(self, config):
+    import jax
+
+    from gpt_jax import optim, plan, sharding, train
+
+    self.jax = jax
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.activate(mesh, sharding.rules(config)):
+      step, abstract, batch, task = plan.train_program(config, mesh)
+      shardings = jax.tree.map(lambda x: x.sharding, abstract)
+      start = time.perf_counter()
+      self.step = step.lower(abstract, batch).compile()
+      self.compile_seconds = time.perf_counter() - start
+      self.state = train.init_state(task, optim.make_optimizer(config), shardings, config.train.seed)
+    rng = np.random.default_rng(0)
+    shape = batch["tokens"].shape
+    tokens = rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)
+    self.batch = {"tokens": jax.device_put(tokens, batch["tokens"].sharding)}
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    self.first_loss = None
+
+  def run(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      self.state, out = self.step(self.state, self.batch)
+      self.jax.block_until_ready((self.state, out))
+      times.append(time.perf_counter() - t)
+    self.last_loss = float(out["loss"])
+    if self.first_loss is None:
+      self.first_loss = self.last_loss
+    return times
+
+
+# ------------------------------------------------------------ reference
+
+
+class _TorchTrainer:
+  """transformers GPT2LMHeadModel doing the same work: forward, backward, clip, AdamW."""
+
+  def __init__(self, config, threads: int):
+    import torch
+    import transformers
+
+    m, o = config.model, config.optim
+    torch.manual_seed(config.train.seed)
+    torch.set_num_threads(threads)
+    hf_cfg = transformers.GPT2Config(
+      vocab_size=m.vocab_size,
+      n_positions=m.block_size,
+      n_embd=m.d_model,
+      n_layer=m.num_layers,
+      n_head=m.num_heads,
+      n_inner=m.mlp_ratio * m.d_model,
+      activation_function="gelu_new" if m.activation == "gelu_tanh" else "gelu",
+      resid_pdrop=m.resid_dropout,
+      embd_pdrop=m.embd_dropout,
+      attn_pdrop=m.attn_dropout,
+      layer_norm_epsilon=m.layer_norm_epsilon,
+    )
+    self.torch = torch
+    self.model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    self.opt = torch.optim.AdamW(
+      self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    self.clip = o.grad_clip
+    # bfloat16 compute with float32 parameters, as our dtype / param_dtype split.
+    self.autocast = m.dtype == "bfloat16"
+    seq = config_lib.seq_len(config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, m.vocab_size, (config.train.batch_size, seq), dtype=np.int64)
+    self.tokens = torch.from_numpy(tokens)
+
+  def _step(self):
+    torch = self.torch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+      loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+    loss.backward()
+    if self.clip > 0:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  def run(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      self._step()
+      times.append(time.perf_counter() - t)
+    return times
+
+
+# ----------------------------------------------------------------- train
+
+
+def bench_train(
+  config,
+  *,
+  steps: int = 10,
+  warmup: int = 2,
+  rounds: int = 3,
+  compare: str = "",
+  threads: int = 0,
+  profile_dir: str = "",
+  log=print,
+) -> dict:
+  """Times the train step; with compare="hf_torch" also transformers', alternating rounds."""
+  import jax
+
+  from gpt_jax import metrics
+
+  threads = threads or os.cpu_count()
+  seq = config_lib.seq_len(config)
+  tokens_per_step = config.train.batch_size * seq
+  devices = jax.devices()
+  on_cpu = devices[0].platform == "cpu"
+  log(f"compiling the train step on {len(devices)} x {devices[0].device_kind} ...")
+  ours = _JaxTrainer(config)
+  flops_tok = metrics.flops_per_token(config.model, seq, ours.num_params)
+  result = {
+    "benchmark": "train",
+    "date": time.strftime("%Y-%m-%d"),
+    "devices": f"{len(devices)} x {devices[0].device_kind}",
+    "cpu_count": os.cpu_count(),
+    "model": f"{config.model.num_layers} x {config.model.d_model}, {config.model.num_heads} heads, "
+    f"vocab {config.model.vocab_size}",
+    "params": ours.num_params,
+    "dtype": config.model.dtype,
+    "remat": config.model.remat,
+    "scan_layers": bool(config.model.scan_layers),
+    "attention_impl": config.model.attention_impl,
+    "batch": f"{config.train.batch_size} x {seq}",
+    "tokens_per_step": tokens_per_step,
+    "flops_per_token": flops_tok,
+    "compile_s": round(ours.compile_seconds, 2),
+  }
+  ref = None
+  if compare == "hf_torch":
+    ref = _TorchTrainer(config, threads)
+    result["torch_threads"] = threads
+  elif compare:
+    raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
+
+  ours.run(warmup)
+  if ref is not None:
+    ref.run(warmup)
+  # Alternate rounds so both see the same (noisy, shared) machine.
+  ours_t, ref_t, peak_samples = [], [], []
+  per_round = max(1, steps // rounds)
+  for r in range(rounds):
+    if on_cpu:
+      peak_samples.append(metrics.measure_matmul_peak())
+    if profile_dir and r == 0:
+      jax.profiler.start_trace(profile_dir)
+    ours_t += ours.run(per_round)
+    if profile_dir and r == 0:
+      jax.profiler.stop_trace()
+      result["profile_dir"] = profile_dir
+    if ref is not None:
+      ref_t += ref.run(per_round)
+    line = f"  round {r + 1}/{rounds}: ours {np.median(ours_t[-per_round:]):.3f} s/step"
+    if ref is not None:
+      line += f", transformers {np.median(ref_t[-per_round:]):.3f} s/step"
+    log(line)
+  s = _stats(ours_t)
+  result.update({f"step_{k}": v for k, v in s.items()})
+  result["tokens_per_s"] = tokens_per_step / s["median_s"]
+  # Same batch every step: the loss must fall (a check that the step trains).
+  result["loss_first_call"], result["loss_last_call"] = ours.first_loss, ours.last_loss
+  if on_cpu:
+    peak = max(peak_samples)
+    result["peak_flops"] = peak
+    result["peak_source"] = (
+      f"measured float32 1024^3 matmul, best of {len(peak_samples)} ({peak / 1e9:.1f} GFLOP/s)"
+    )
+  else:
+    peak, source = metrics.peak_flops(config.log.peak_flops)
+    result["peak_flops"] = peak
+    result["peak_source"] = source
+  result["mfu"] = flops_tok * result["tokens_per_s"] / peak
+  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory()
+  if ref is not None:
+    rs = _stats(ref_t)
+    result.update({f"hf_torch_step_{k}": v for k, v in rs.items()})
+    result["hf_torch_tokens_per_s"] = tokens_per_step / rs["median_s"]
+    result["hf_torch_mfu"] = flops_tok * result["hf_torch_tokens_per_s"] / peak
+    result["speedup_vs_hf_torch"] = result["tokens_per_s"] / result["hf_torch_tokens_per_s"]
+  return result
+
+
+def format_train(r: dict) -> str:
+  lines = [
+    f"train step: {r['model']} ({r['params'] / 1e6:.1f}M params), {r['dtype']}, remat {r['remat']}, "
+    f"scan {r['scan_layers']}, attention {r['attention_impl']}, batch {r['batch']}",
+    f"devices: {r['devices']} ({r['cpu_count']} CPU cores); compile {r['compile_s']:.1f} s",
+    f"ours: {r['tokens_per_s']:.1f} tokens/s, step {r['step_median_s'] * 1e3:.1f} ms median "
+    f"(min {r['step_min_s'] * 1e3:.1f}, p90 {r['step_p90_s'] * 1e3:.1f}, IQR {r['step_iqr_pct']:.1f}%, "
+    f"{r['step_steps']} steps)",
+    f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:.1f} GFLOP/s ({r['peak_source']}); "
+    f"{r['flops_per_token'] / 1e9:.3f} GFLOP/token (PaLM)",
+    f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})",
+  ]
+  if "hf_torch_tokens_per_s" in r:
+    lines += [
+      f"transformers (torch, {r['torch_threads']} threads): {r['hf_torch_tokens_per_s']:.1f} tokens/s, "
+      f"step {r['hf_torch_step_median_s'] * 1e3:.1f} ms median (IQR {r['hf_torch_step_iqr_pct']:.1f}%), "
+      f"MFU {100 * r['hf_torch_mfu']:.1f}%",
+      f"speed-up vs transformers: {r['speedup_vs_hf_torch']:.2f}x",
+    ]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sample
+
+
+def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1, 8), prompt_len=16,
+                 max_new_tokens=128, log=print) -> dict:  # fmt: skip
+  from gpt_jax import sample
+
+  if compare not in ("", "hf_torch"):
+    raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
+  m = config.model
+  log(f"sampling: {m.num_layers} x {m.d_model}, batches {list(batch_sizes)}, {max_new_tokens} new tokens")
+  figures = sample.benchmark_generate(
+    num_layers=m.num_layers,
+    d_model=m.d_model,
+    num_heads=m.num_heads,
+    vocab_size=m.vocab_size,
+    block_size=m.block_size,
+    batch_sizes=tuple(batch_sizes),
+    prompt_len=prompt_len,
+    max_new_tokens=max_new_tokens,
+    reference=compare == "hf_torch",
+    threads=threads or os.cpu_count(),
+  )
+  return {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), **figures}
+
+
+def format_sample(r: dict) -> str:
+  return "\n".join(f"{k}: {v}" for k, v in r.items())
+
+
+# ------------------------------------------------------------------- CLI
+
+_CONFIG = None
+
+
+@config_lib.cli_main
+def main(argv):
+  F = flags.FLAGS
+  if len(argv) != 2 or argv[1] not in ("train", "sample"):
+    raise UserError("usage: python -m gpt_jax.bench train|sample --config=FILE [--compare=hf_torch]")
+  config = config_lib.validate(_CONFIG.value)
+  logging.set_verbosity(logging.WARNING)
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  if argv[1] == "train":
+    result = bench_train(
+      config,
+      steps=F.steps,
+      warmup=F.warmup,
+      rounds=F.rounds,
+      compare=F.compare,
+      threads=F.threads,
+      profile_dir=F.profile,
+      log=log,
+    )
+    text = format_train(result)
+  else:
+    result = bench_sample(
+      config,
+      compare=F.compare,
+      threads=F.threads,
+      batch_sizes=[int(b) for b in F.batch_sizes],
+      prompt_len=F.prompt_len,
+      max_new_tokens=F.max_new_tokens,
+      log=log,
+    )
+    text = format_sample(result)
+  result["command"] = " ".join(["python -m gpt_jax.bench", *sys.argv[1:]])
+  print(text, flush=True)
+  if F.json_out:
+    with open(F.json_out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (model shape, dtype, batch, seq_len, mesh)."
+  )
+  flags.mark_flag_as_required("config")
+  flags.DEFINE_string("compare", "", "'hf_torch': time transformers side by side and print the ratio.")
+  flags.DEFINE_integer("steps", 12, "Timed steps (split over --rounds).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours / the reference.")
+  flags.DEFINE_integer("threads", 0, "torch threads (0 = all CPU cores, as XLA uses).")
+  flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the first timed round here.")
+  flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
+  flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes.")
+  flags.DEFINE_integer("prompt_len", 16, "sample: prompt tokens.")
+  flags.DEFINE_integer("max_new_tokens", 128, "sample: generated tokens per row.")
+  app.run(main)

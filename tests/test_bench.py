@@ -1,0 +1,80 @@
+"""Benchmarks report consistent figures (no speed is asserted here: `python -m gpt_jax.bench` prints them)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import debug
+from gpt_jax import bench, metrics
+from gpt_jax import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_statistics():
+  s = bench._stats([0.2, 0.1, 0.4, 0.3])
+  assert s["median_s"] == pytest.approx(0.25) and s["min_s"] == 0.1 and s["steps"] == 4
+  assert s["iqr_pct"] == pytest.approx(100 * (0.325 - 0.175) / 0.25)
+
+
+def test_train_benchmark_against_transformers_is_self_consistent():
+  config = config_lib.validate(debug.get_config())
+  r = bench.bench_train(
+    config, steps=2, warmup=1, rounds=2, compare="hf_torch", threads=1, log=lambda s: None
+  )
+  seq = config.model.block_size
+  assert r["tokens_per_step"] == config.train.batch_size * seq
+  assert r["params"] == 36_736
+  assert r["flops_per_token"] == metrics.flops_per_token(config.model, seq, r["params"])
+  assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_median_s"])
+  assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / r["peak_flops"])
+  assert r["speedup_vs_hf_torch"] == pytest.approx(r["tokens_per_s"] / r["hf_torch_tokens_per_s"])
+  assert r["step_steps"] == r["hf_torch_step_steps"] == 2
+  assert "measured float32" in r["peak_source"] and r["peak_memory_bytes"] > 0
+  # The timed steps trained on their fixed batch.
+  assert r["loss_last_call"] < r["loss_first_call"]
+  text = bench.format_train(r)
+  assert "speed-up vs transformers" in text and "MFU" in text
+
+
+def test_sample_benchmark_wires_the_shape_through():
+  config = config_lib.validate(debug.get_config())
+  r = bench.bench_sample(
+    config,
+    compare="hf_torch",
+    threads=1,
+    batch_sizes=(2,),
+    prompt_len=4,
+    max_new_tokens=4,
+    log=lambda s: None,
+  )
+  assert r["benchmark"] == "sample" and r["model"].startswith("2x32")
+  assert any(k.startswith("b2_") and "transformers" in k for k in r)
+
+
+def test_cli_usage_error_is_one_line():
+  r = subprocess.run(
+    [sys.executable, "-m", "gpt_jax.bench", "fly", "--config=configs/debug.py"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train|sample" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_cli_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  r = subprocess.run(
+    [sys.executable, "-m", "gpt_jax.bench", "train", "--config=configs/debug.py", "--steps=2", "--rounds=1",
+     "--warmup=1", f"--json_out={out}"],
+    cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  figures = json.loads(out.read_text())
+  assert figures["benchmark"] == "train" and figures["command"].startswith("python -m gpt_jax.bench train")
+  assert f"{figures['tokens_per_s']:.1f} tokens/s" in r.stdout
