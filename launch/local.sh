@@ -39,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --preflight) preflight=1 ;;
     --dry-run) dry_run=1 ;;
     -h | --help) usage; exit 0 ;;
-    --*) echo "local.sh: unknown option $1 (options go before N)" >&2; exit 2 ;;
+    --*) echo "local.sh: unknown option $1 (launch options, then the number of processes N, then training flags)" >&2; exit 2 ;;
     *) break ;;
   esac
   shift
