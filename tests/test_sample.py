@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -21,23 +22,42 @@ from gpt_jax import model, sample, sharding
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU: cached vs full-forward logits differ by ~1e-6 (summation order).
 LOGIT_TOL = 1e-4
-
-
-def _model_cfg(debug_config, **overrides):
-  m = debug_config.model
-  # A wider init than 0.02 makes the random model's greedy tokens vary, so
-  # stopping rules and batching mistakes change the output.
-  m.update(init_std=0.2, scale_residual_init=False, **overrides)
-  config_lib.validate_model(m)
-  return m
+N = 8  # New tokens in most tests (with batch 2 and prompts of 5..8 tokens: one shared program).
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  # Module-scoped and most calls shaped alike (batch 2, prompts <= 8 tokens,
-  # 8 new tokens) so that tests share compiled programs.
-  cfg = _model_cfg(config_lib.validate(debug.get_config()))
-  return cfg, model.init_params(cfg, jax.random.key(1))
+def tiny_hf(tmp_path_factory):
+  """A random transformers GPT2LMHeadModel of configs/debug.py's shape, and its import.
+
+  Module-scoped, and most calls shaped alike (batch 2, prompts of 5..8
+  tokens, 8 new tokens), so that tests share compiled programs.
+  """
+  from gpt_jax import convert
+
+  path = tmp_path_factory.mktemp("hf_debug")
+  m = debug.get_config().model
+  hf = _make_hf(path, vocab_size=m.vocab_size, n_positions=m.block_size)
+  cfg, params = convert.from_hf(path)
+  return cfg, params, hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+  return tiny_hf[:2]
+
+
+def _init(cfg, seed):
+  """Random params drawn with numpy (compiling flax's init, a threefry per tensor, costs ~10 s of CPU).
+
+  Std 0.2, not 0.02, so that the random model's greedy tokens vary.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    offset = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+    return (offset + rng.normal(0, 0.2, x.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, flax.linen.unbox(model.abstract_params(cfg)))
 
 
 def _prompts(lengths, vocab, seed=0):
@@ -45,18 +65,12 @@ def _prompts(lengths, vocab, seed=0):
   return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize(
-  "pattern,scan,impl",
-  [
-    (("dense",), False, "xla"),
-    (("dense", "local"), True, "xla"),
-    (("dense", "local"), False, "dot_product_attention"),
-  ],
-)
-def test_cached_logits_match_full_forward(debug_config, pattern, scan, impl):
+@pytest.mark.parametrize("pattern,scan", [(("dense",), False), (("dense", "local"), True)])
+def test_cached_logits_match_full_forward(debug_config, pattern, scan):
   # local_window 8 < prompt + generated (up to 25 tokens): the cache must apply the band.
-  cfg = _model_cfg(debug_config, attention_pattern=pattern, scan_layers=scan, attention_impl=impl)
-  params = model.init_params(cfg, jax.random.key(2))
+  cfg = debug_config.model
+  cfg.update(attention_pattern=pattern, scan_layers=scan)
+  params = _init(cfg, 2)
   prompts = _prompts([5, 13], cfg.vocab_size)
   M = 12  # New tokens.
   out = sample.decode(cfg, params, prompts, max_new_tokens=M, temperature=0.0, keep_logits=True)
@@ -72,8 +86,10 @@ def test_cached_logits_match_full_forward(debug_config, pattern, scan, impl):
     np.testing.assert_array_equal(out.tokens_BN[b], full_NV.argmax(-1))
 
 
-def _make_hf(path, vocab_size=320, n_positions=48):
+def _make_hf(path, vocab_size, n_positions):
   torch.manual_seed(0)
+  # initializer_range 0.2 (not 0.02): the greedy tokens vary, so stopping
+  # rules and batching mistakes change the output.
   cfg = transformers.GPT2Config(
     vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2
   )
@@ -92,19 +108,25 @@ def _hf_greedy(hf, prompt, n):
   return out[0, len(prompt) :].tolist()
 
 
-def test_greedy_matches_transformers(tmp_path):
-  from gpt_jax import convert
+def test_greedy_matches_transformers(tiny_hf):
+  cfg, params, hf = tiny_hf
+  prompts = _prompts([5, 8], cfg.vocab_size, seed=3)
+  ours = sample.generate(cfg, params, prompts, max_new_tokens=N, temperature=0.0)
+  assert ours == [_hf_greedy(hf, p, N) for p in prompts]
 
-  hf = _make_hf(tmp_path)
-  cfg, params = convert.from_hf(tmp_path)
-  prompts = _prompts([3, 10, 1], cfg.vocab_size, seed=3)
-  ours = sample.generate(cfg, params, prompts, max_new_tokens=16, temperature=0.0)
-  assert ours == [_hf_greedy(hf, p, 16) for p in prompts]
+
+filter_logits = jax.jit(sample.filter_logits)  # k and p traced: one compilation for all cases.
+bisect_threshold = jax.jit(sample._bisect_threshold)
+candidate_threshold = jax.jit(sample._candidate_threshold)
 
 
 def _kept(logits, top_k, top_p):
-  out = np.asarray(sample.filter_logits(logits, np.int32(top_k), np.float32(top_p)))
+  k, p = np.int32(top_k), np.float32(top_p)
+  out = np.asarray(filter_logits(logits, k, p))
   np.testing.assert_array_equal(out[np.isfinite(out)], logits[np.isfinite(out)])
+  # The whole-vocabulary bisection (used when the kept set is not among the top 256) agrees.
+  full = np.asarray(sample._sortable(logits)) >= np.asarray(bisect_threshold(logits, k, p))
+  np.testing.assert_array_equal(np.isfinite(out), full)
   return [np.flatnonzero(np.isfinite(row)).tolist() for row in out]
 
 
@@ -128,7 +150,46 @@ def test_top_k_then_top_p():
   assert _kept(logits, 3, 0.85) == [[1, 3, 4]]
 
 
-N = 8  # New tokens in most tests (with batch 2 and prompts of 5..8 tokens: one shared program).
+@pytest.mark.parametrize("scale", [0.1, 3.0])  # Flat (nucleus beyond 256 candidates) and peaked.
+def test_candidate_threshold_matches_bisection(scale):
+  logits = scale * np.asarray(jax.random.normal(jax.random.key(0), (3, 1000)), np.float32)
+  seen = set()
+  for top_k, top_p in ((0, 0.5), (0, 0.9), (40, 1.0), (40, 0.7), (256, 0.99), (300, 0.5), (1, 0.2)):
+    k, p = np.int32(top_k), np.float32(top_p)
+    full = np.asarray(bisect_threshold(logits, k, p))
+    kept = (np.asarray(sample._sortable(logits)) >= full).sum(-1)
+    fast, fits = (np.asarray(x) for x in candidate_threshold(logits, k, p))
+    np.testing.assert_array_equal(fits, (0 < top_k <= 256) | ((top_k == 0) & (kept <= 256)))
+    np.testing.assert_array_equal(fast[fits], full[fits])
+    seen |= set(fits.tolist())
+  assert seen == {True, False}
+
+
+def test_sampling_step_does_not_sort_the_vocabulary():
+  # XLA:CPU swaps lax.top_k for a full sort when its output is sliced (40x slower per step).
+  consts = {
+    "vocab_limit": 1000,
+    "top_k": np.int32(40),
+    "top_p": np.float32(0.9),
+    "temperature": np.float32(1),
+  }
+  choose = jax.jit(lambda x: sample._choose(x, jax.random.key(0), consts, greedy=False))
+  hlo = choose.lower(np.zeros((2, 1000), np.float32)).compile().as_text()
+  assert '"TopK"' in hlo and " sort(" not in hlo
+
+
+def test_sample_categorical_follows_the_distribution():
+  # 300 ids: two blocks of 256, the second padded; -inf ids must never come out.
+  probs = np.zeros(300, np.float32)
+  probs[[0, 3, 255, 256, 299]] = [0.1, 0.2, 0.3, 0.15, 0.25]
+  with np.errstate(divide="ignore"):
+    logits_1V = np.log(probs)[None]
+  keys = jax.random.split(jax.random.key(0), 40_000)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: sample.sample_categorical(k, logits_1V)))(keys)).ravel()
+  freq = np.bincount(draws, minlength=300) / len(draws)
+  assert set(np.flatnonzero(freq)) == {0, 3, 255, 256, 299}
+  # 4 standard errors of a frequency over 40k draws is at most 0.01.
+  np.testing.assert_allclose(freq, probs, atol=0.01)
 
 
 def _greedy(cfg, params, prompts, **kw):
@@ -160,7 +221,7 @@ def test_sampling_is_seeded_and_streaming_gives_the_same_tokens(tiny):
 
 def test_compiles_once_per_bucket(tiny):
   cfg, params = tiny
-  settings = [(5, 0.7, 0, 0.9), (6, 1.3, 40, 1.0), (8, 0.0, 0, 1.0), (7, 1.0, 3, 0.5)]
+  settings = [(5, 0.7, 0, 0.9), (6, 1.3, 40, 1.0), (8, 0.5, 0, 1.0), (7, 1.0, 3, 0.5)]
   for n, temperature, top_k, top_p in settings:  # Prompts of 5..8 tokens: all in the 8-token bucket.
     prompts = _prompts([n, 5], cfg.vocab_size, n)
     sample.generate(cfg, params, prompts, max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -170,7 +231,7 @@ def test_compiles_once_per_bucket(tiny):
 
 def test_mixed_lengths_batch_equals_each_prompt_alone(tiny):
   cfg, params = tiny
-  prompts = _prompts([2, 8], cfg.vocab_size, seed=5)
+  prompts = _prompts([1, 8], cfg.vocab_size, seed=5)
   batched = _greedy(cfg, params, prompts)
   assert batched == [_greedy(cfg, params, [p])[0] for p in prompts]
   assert len({tuple(row) for row in batched}) > 1
@@ -189,7 +250,8 @@ def test_eot_and_stop_sequences(tiny):
     assert got.steps == max(r.index(eot) for r in free) + 1
   stop = row[4:6]
   first_end = next(e for e in range(2, N + 1) if row[e - 2 : e] == stop)
-  assert _greedy(cfg, params, prompts, stop_sequences=[stop, [10**6]])[0] == row[: first_end - 2]
+  never = [cfg.vocab_size] * 3
+  assert _greedy(cfg, params, prompts, stop_sequences=[stop, never])[0] == row[: first_end - 2]
 
 
 def test_cut_generation_takes_the_first_stop_to_complete():
@@ -206,7 +268,7 @@ def test_prompt_truncation_and_errors(tiny, caplog):
   long = _prompts([30], cfg.vocab_size)[0]
   with caplog.at_level(logging.WARNING):
     out = _greedy(cfg, params, [long])
-  assert "keeping its last 24" in caplog.text
+  assert "prompts of up to 30 tokens: keeping the last 24" in caplog.text
   assert out == _greedy(cfg, params, [long[-24:]])
   assert _greedy(cfg, params, [[]], eot_id=7) == _greedy(cfg, params, [[7]])
   for kw, msg in (
@@ -256,7 +318,7 @@ def test_generate_text_stop_strings_and_vocab_limit(tiny):
   assert max(max(r) for r in ids) < 257
   texts = sample.generate_text(cfg, params, tok, ["abcdef", ""], max_new_tokens=N, temperature=0.0)
   assert texts == [tok.decode(r) for r in ids]
-  stop = texts[0][2:4]
+  stop = texts[0][3]
   cut = sample.generate_text(
     cfg, params, tok, ["abcdef", ""], max_new_tokens=N, temperature=0.0, stop_strings=["zzz", stop]
   )
