@@ -156,6 +156,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.attention_pattern = normalize_pattern(config.model.attention_pattern)
   validate_model(config.model)
   _one_of(config, "job", ("pretrain", "finetune"))
+  if config.job == "finetune":
+    _validate_finetune(config)
 
   _one_of(config, "data.source", ("shakespeare", "files", "tfds"))
   if config.data.source == "files" and not config.data.paths:
@@ -217,6 +219,61 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.sample.top_p <= 0:
     _fail("sample.top_p", config.sample.top_p, "must be in (0, 1]")
   return config
+
+
+FINETUNE_TASKS = ("classification", "entailment", "similarity", "multiple_choice", "dialogue")
+
+
+def _validate_finetune(config) -> None:
+  """config.finetune (see configs/base.py and gpt_jax/finetune.py)."""
+  fc = config.finetune
+  _one_of(config, "finetune.task", FINETUNE_TASKS)
+  if config.init_from and fc.pretrained and config.init_from != fc.pretrained:
+    _fail(
+      "finetune.pretrained", fc.pretrained, f"differs from config.init_from={config.init_from!r}; give one"
+    )
+  if fc.task == "dialogue":
+    if not fc.train_path.endswith(".jsonl"):
+      _fail("finetune.train_path", fc.train_path, 'give a .jsonl file of {"turns": [...]} dialogues')
+    if fc.eval_path and not fc.eval_path.endswith(".jsonl"):
+      _fail("finetune.eval_path", fc.eval_path, "must be a .jsonl file (or empty)")
+    if fc.tfds_name:
+      _fail("finetune.tfds_name", fc.tfds_name, "dialogue data comes from finetune.train_path (JSONL)")
+    _one_of(config, "finetune.loss_turns", ("last", "all"))
+  else:
+    if bool(fc.train_path) == bool(fc.tfds_name):
+      _fail(
+        "finetune.train_path",
+        fc.train_path,
+        "give exactly one of finetune.train_path (.jsonl / .csv / .tsv) or finetune.tfds_name",
+      )
+    if fc.tfds_name and fc.eval_path:
+      _fail(
+        "finetune.eval_path", fc.eval_path, "with finetune.tfds_name the eval data is finetune.eval_split"
+      )
+    if fc.regression and fc.task == "multiple_choice":
+      _fail("finetune.regression", fc.regression, "multiple_choice scores choices; regression does not apply")
+    if not fc.regression and fc.task != "multiple_choice":
+      _positive_int(config, "finetune.num_classes")
+      if fc.num_classes < 2:
+        _fail("finetune.num_classes", fc.num_classes, "must be >= 2")
+      names = [n for n in fc.labels.split(",") if n.strip()] if fc.labels else []
+      if names and len(names) != fc.num_classes:
+        _fail("finetune.labels", fc.labels, f"must name finetune.num_classes={fc.num_classes} labels")
+    allowed = {"": True, "accuracy": not fc.regression, "loss": False, "pearson": fc.regression}
+    allowed["spearman"] = fc.regression
+    allowed["f1"] = not fc.regression and fc.task != "multiple_choice" and fc.num_classes == 2
+    if not allowed.get(fc.best_metric, False):
+      _fail(
+        "finetune.best_metric",
+        fc.best_metric,
+        "allowed here: " + ", ".join(repr(k) for k, v in allowed.items() if v),
+      )
+  _non_negative(config, "finetune.lm_coef", "finetune.epochs", "finetune.max_len", "finetune.max_examples")
+  _in_range(config, "finetune.head_dropout", 0.0, 1.0)
+  _in_range(config, "finetune.warmup_fraction", 0.0, 1.0)
+  if fc.max_len and fc.max_len < 8:
+    _fail("finetune.max_len", fc.max_len, "must be 0 (model.block_size) or >= 8")
 
 
 def seq_len(config) -> int:

@@ -1,0 +1,707 @@
+"""GPT-1 supervised fine-tuning (Radford et al. 2018, §3.2-3.3) and DialoGPT training, on train.run.
+
+    python -m gpt_jax.finetune --config=configs/finetune_sst2.py --workdir=runs/sst2 \\
+        --config.init_from=runs/pretrain
+    python -m gpt_jax.finetune --workdir=runs/sst2 --predict=rows.jsonl --output=preds.jsonl
+    python -m gpt_jax.main --config=configs/finetune_classify.py --workdir=... (same run, job="finetune")
+
+Classification-type tasks (finetune.task: classification, entailment,
+similarity, multiple_choice) turn each example into token sequences with
+learned start / delim / extract tokens (layouts in finetune_data.py), appended
+to the pretrained vocabulary: the embedding table grows by three rows drawn
+like the rest, N(0, init_std), and the pretrained rows are kept. A linear head
+reads the final hidden state at the extract token (after dropout 0.1):
+classes, one similarity score (regression), or one score per choice with a
+softmax over the choices. Similarity adds the two orders' extract states
+elementwise before the head (§3.3). The loss is L3 = L2 + λ·L1 (§3.2): L2 the
+task loss (cross-entropy, or squared error for regression), L1 the language
+model loss on the same sequences, λ = finetune.lm_coef. As in the GPT-1 code,
+L1 is each sequence's mean next-token loss, averaged over an example's
+sequences; both terms are means over examples.
+
+Dialogue (finetune.task="dialogue") is language modelling on DialoGPT
+sequences with the loss on the response turns only: the same GPT parameters,
+no new tokens; chat.py serves it.
+
+Every run goes through train.run (sharding, checkpoints, resume, metrics). Per
+epoch the validation split is scored (val/accuracy, val/f1 for two classes,
+val/pearson and val/spearman for regression) into metrics.jsonl and
+TensorBoard, and the best params so far are exported to <workdir>/best/, which
+`--predict` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec
+
+from gpt_jax import checkpoint, model, sharding, train
+from gpt_jax import config as config_lib
+from gpt_jax import finetune_data as fd
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.config import UserError
+
+# Model fields a fine-tuning config may set; every other model field comes
+# from the pretrained checkpoint (they fix the parameters' shapes or meaning).
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "embd_dropout", "attn_dropout", "resid_dropout")
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+# ----------------------------------------------------------- parameters
+
+
+def num_outputs(fc) -> int:
+  """Width of the linear head: classes, or 1 (a regression score / one choice's score)."""
+  if fc.task == "multiple_choice" or fc.regression:
+    return 1
+  return int(fc.num_classes)
+
+
+def head_params(model_cfg, fc, rng) -> dict:
+  """The linear head: kernel [D, O] ~ N(0, init_std), bias [O] = 0."""
+  dtype = model.DTYPES[model_cfg.param_dtype]
+  kernel_DO = jax.random.normal(rng, (model_cfg.d_model, num_outputs(fc)), dtype) * model_cfg.init_std
+  return {"kernel": kernel_DO, "bias": jnp.zeros((num_outputs(fc),), dtype)}
+
+
+def init_params(model_cfg, fc, rng):
+  """{"gpt": GPT params, "head": head_params}, all randomly initialised."""
+  k_gpt, k_head = jax.random.split(rng)
+  return {"gpt": model.init_params(model_cfg, k_gpt), "head": head_params(model_cfg, fc, k_head)}
+
+
+def param_specs(model_cfg):
+  """Logical specs: the GPT's own (wte keeps ("vocab", "embed") as it grows); the head replicated."""
+  return {"gpt": model.logical_specs(model_cfg), "head": {"kernel": PartitionSpec(), "bias": PartitionSpec()}}
+
+
+def resize_embeddings(gpt_params, base_vocab: int, model_cfg, rng):
+  """GPT params whose wte has the rows of model_cfg: rows < base_vocab copied, the others N(0, init_std)."""
+  old_VD = gpt_params["wte"]
+  rows = model.padded_vocab_size(model_cfg)
+  fresh_VD = jax.random.normal(rng, (rows, old_VD.shape[1]), old_VD.dtype) * model_cfg.init_std
+  return {**gpt_params, "wte": fresh_VD.at[:base_vocab].set(old_VD[:base_vocab])}
+
+
+# ---------------------------------------------------------- forward, loss
+
+
+def forward(model_cfg, fc, params, batch, *, deterministic: bool, rng, with_lm: bool):
+  """(head outputs, per-example LM loss or None).
+
+  Outputs: [B, classes] logits; [B, 1] regression scores; [B, C] choice
+  logits (choices absent from an example at -1e9). Inputs: batch["tokens"]
+  [B, C, T] (C = 1, 2 orders, or choices), batch["lengths"] [B, C].
+  """
+  tokens_BCT, lengths_BC = batch["tokens"], batch["lengths"]
+  B, C, T = tokens_BCT.shape
+  rng_model, rng_head = jax.random.split(rng)
+  logits_NTV, hidden_NTD = model.GPT(model_cfg).apply(
+    {"params": params["gpt"]},
+    tokens_BCT.reshape(B * C, T),
+    deterministic=deterministic,
+    rngs={"dropout": rng_model},
+    return_hidden=True,
+  )
+  # The extract token is the last real token of each sequence.
+  extract_N = jnp.maximum(lengths_BC.reshape(B * C) - 1, 0)
+  h_BCD = hidden_NTD[jnp.arange(B * C), extract_N].reshape(B, C, -1).astype(jnp.float32)
+  valid_BC = lengths_BC > 0
+  if fc.task == "similarity":
+    h_BCD = h_BCD.sum(axis=1, keepdims=True)  # §3.3: the two orders' states added elementwise.
+  if not deterministic and fc.head_dropout > 0:
+    keep = jax.random.bernoulli(rng_head, 1.0 - fc.head_dropout, h_BCD.shape)
+    h_BCD = jnp.where(keep, h_BCD / (1.0 - fc.head_dropout), 0.0)
+  kernel_DO = params["head"]["kernel"].astype(jnp.float32)
+  out_BCO = (
+    jnp.einsum("BCD,DO->BCO", h_BCD, kernel_DO) + params["head"]["bias"].astype(jnp.float32)[None, None]
+  )
+  if fc.task == "multiple_choice":
+    out = jnp.where(valid_BC, out_BCO[:, :, 0], -1e9)
+  else:
+    out = out_BCO[:, 0]
+  if not with_lm:
+    return out, None
+  # L1 (§3.2): next-token loss over each sequence's real tokens.
+  nll_NT = optax.softmax_cross_entropy_with_integer_labels(
+    logits_NTV[:, :-1], tokens_BCT.reshape(B * C, T)[:, 1:]
+  ).reshape(B, C, T - 1)
+  mask_BCT = jnp.arange(T - 1)[None, None, :] < (lengths_BC - 1)[:, :, None]
+  per_seq_BC = (nll_NT * mask_BCT).sum(-1) / jnp.maximum(mask_BCT.sum(-1), 1)
+  lm_B = (per_seq_BC * valid_BC).sum(-1) / jnp.maximum(valid_BC.sum(-1), 1)
+  return out, lm_B
+
+
+def task_loss(fc, out, label_B):
+  """(L2 per example, 1.0 where the prediction is right / 0.0; None for regression)."""
+  if fc.regression:
+    return jnp.square(out[:, 0] - label_B), None
+  loss_B = optax.softmax_cross_entropy_with_integer_labels(out, label_B)
+  return loss_B, (jnp.argmax(out, axis=-1) == label_B).astype(jnp.float32)
+
+
+def make_loss_fn(model_cfg, fc):
+  """train.Task.loss_fn: sums over examples of L3 = L2 + λ·L1, weight = examples."""
+  lm_coef = float(fc.lm_coef)
+
+  def loss_fn(params, batch, rng, deterministic):
+    out, lm_B = forward(
+      model_cfg, fc, params, batch, deterministic=deterministic, rng=rng, with_lm=lm_coef > 0
+    )
+    clf_B, correct_B = task_loss(fc, out, batch["label"])
+    w_B = batch.get("weight", jnp.ones(clf_B.shape, jnp.float32))
+    total_B = clf_B if lm_B is None else clf_B + lm_coef * lm_B
+    aux = {"task_loss": (clf_B * w_B).sum()}
+    if lm_B is not None:
+      aux["lm_loss"] = (lm_B * w_B).sum()
+    if correct_B is not None:
+      aux["accuracy"] = (correct_B * w_B).sum()
+    return (total_B * w_B).sum(), w_B.sum(), aux
+
+  return loss_fn
+
+
+# --------------------------------------------------------------- metrics
+
+
+def _ranks(x):
+  """Ranks 1..n with ties given their average rank (for Spearman's rho)."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  sorted_x = x[order]
+  i = 0
+  while i < len(x):
+    j = i
+    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+      j += 1
+    ranks[order[i : j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  return ranks
+
+
+def _pearson(a, b) -> float:
+  a, b = a - a.mean(), b - b.mean()
+  den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+  return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def metrics(fc, out, labels) -> dict:
+  """Validation metrics from head outputs [N, ...] and labels [N] (numpy)."""
+  out = np.asarray(out, np.float64)
+  if fc.regression:
+    pred, y = out[:, 0], np.asarray(labels, np.float64)
+    return {
+      "mse": float(np.mean((pred - y) ** 2)),
+      "pearson": _pearson(pred, y),
+      "spearman": _pearson(_ranks(pred), _ranks(y)),
+    }
+  y = np.asarray(labels, np.int64)
+  logp = out - out.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  pred = out.argmax(-1)
+  result = {"accuracy": float(np.mean(pred == y)), "loss": float(-np.mean(logp[np.arange(len(y)), y]))}
+  if fc.task != "multiple_choice" and out.shape[-1] == 2:
+    tp = int(np.sum((pred == 1) & (y == 1)))
+    wrong = int(np.sum(pred != y))
+    result["f1"] = 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+  return result
+
+
+def best_metric_name(fc) -> str:
+  return fc.best_metric or ("pearson" if fc.regression else "accuracy")
+
+
+def _scores_program(model_cfg, fc, mesh=None):
+  """jit(params, batch) -> head outputs (replicated on the mesh, if any)."""
+
+  def fn(params, batch):
+    return forward(model_cfg, fc, params, batch, deterministic=True, rng=jax.random.key(0), with_lm=False)[0]
+
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+def score_batches(program, params, batches, num_examples: int, mesh=None) -> np.ndarray:
+  """Head outputs of the first num_examples rows of `batches` (finetune_data.eval_batches layout).
+
+  Global batch b holds examples [b * E, (b + 1) * E) with process p's rows in
+  its p-th slice, so the replicated outputs concatenate in example order.
+  """
+  outs = []
+  for b in batches:
+    inputs = {k: v for k, v in b.items() if k in ("tokens", "lengths")}
+    inputs = sharding.global_batch(inputs, mesh) if mesh is not None else inputs
+    outs.append(np.asarray(program(params, inputs)))
+  return np.concatenate(outs)[:num_examples]
+
+
+# -------------------------------------------------------- best export
+
+
+def _write_export(directory: Path, config, params, tok, record: dict) -> None:
+  """The best params as a params export: config.json, params/ (Orbax), tokenizer/, best.json."""
+  import orbax.checkpoint as ocp
+
+  final = directory / BEST_DIR
+  tmp = directory / f".{BEST_DIR}.tmp-{record['step']}"
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpoint.write_config_file(tmp / checkpoint.CONFIG_FILE, config)
+    tok.save(str(tmp / "tokenizer"))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp / "params", params)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    # Swap in two renames: a crash leaves either the old best/ or the new
+    # one plus a .old copy, never a half-written best/.
+    old = directory / f".{BEST_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+      os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"finetune best export {record['step']}")
+
+
+def read_best(workdir) -> dict | None:
+  path = Path(workdir) / BEST_DIR / BEST_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _eval_steps(workdir: str, every: int, num_steps: int) -> list[int]:
+  """The steps at which train.run will call extra_eval in this run (it does not pass the step).
+
+  The loop evaluates every `every` steps and at the end, from the newest
+  checkpoint on; a broken newest checkpoint (restored from an older one)
+  would shift these labels.
+  """
+  ckpt_dir = Path(workdir) / "checkpoints"
+  done = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.exists() else []
+  start = max(done, default=0)
+  steps = [s for s in range(every, num_steps, every) if s > start] if every else []
+  return steps + [num_steps]
+
+
+# ------------------------------------------------------- pretrained model
+
+
+def pretrained_model_config(path: str):
+  """config.model of a gpt_jax workdir / params export / step dir, or of a Hugging Face GPT-2 folder."""
+  p = Path(path).expanduser().absolute()
+  if not p.exists():
+    raise UserError(f"config.finetune.pretrained={path!r} does not exist")
+  if checkpoint.is_hf_dir(p):
+    from gpt_jax import convert
+
+    return convert.model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
+  return checkpoint._run_config(checkpoint._abs(str(p))).model
+
+
+def pretrained_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  p = Path(path).expanduser().absolute()
+  if checkpoint.is_hf_dir(p):
+    return tokenizer_lib.from_hf_dir(str(p))
+  for d in (p / "tokenizer", p.parent.parent / "tokenizer"):
+    if (d / tokenizer_lib.META_FILE).exists():
+      return tokenizer_lib.load_dir(str(d))
+  raise UserError(f"config.finetune.pretrained={path!r} has no tokenizer/ folder")
+
+
+def _run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+  """The pretrained model's tokenizer, pinned in <workdir>/tokenizer/ (a random init: config.data's)."""
+  fc = config.finetune
+  if not fc.pretrained:
+    return tokenizer_lib.for_run(config, workdir)
+  tok = pretrained_tokenizer(fc.pretrained)
+  pinned = Path(workdir) / "tokenizer"
+  if (pinned / tokenizer_lib.META_FILE).exists():
+    if tokenizer_lib.load_dir(str(pinned)).fingerprint != tok.fingerprint:
+      raise UserError(f"{pinned} holds another tokenizer than {fc.pretrained}; use a new --workdir")
+  elif jax.process_index() == 0:
+    tmp = tokenizer_lib.tmp_dir_for(pinned)
+    tok.save(str(tmp))
+    tokenizer_lib.publish_dir(tmp, pinned)
+  return tok
+
+
+def finetune_model_config(config):
+  """(config.model for the run, base vocabulary = first special-token id)."""
+  fc = config.finetune
+  if fc.pretrained:
+    m = pretrained_model_config(fc.pretrained)
+    for f in RUNTIME_FIELDS:
+      m[f] = config.model[f]
+  else:
+    m = config.model.copy_and_resolve_references()
+  base_vocab = int(m.vocab_size)
+  if fc.task != "dialogue":
+    m.vocab_size = base_vocab + fd.NUM_SPECIALS
+  config_lib.validate_model(m)
+  return m, base_vocab
+
+
+def _initial_params(config, base_vocab: int, mesh, fc):
+  """Task.initial_params: pretrained weights loaded onto the mesh, wte grown for the specials."""
+  if not fc.pretrained:
+    return None
+  model_cfg = config.model
+  rules = sharding.rules(config)
+
+  def load(shardings):
+    pre_cfg = pretrained_model_config(fc.pretrained)
+    pre_abstract = jax.eval_shape(lambda: model.init_params(pre_cfg, jax.random.key(0)))
+    pre_sh = sharding.logical_to_shardings(model.logical_specs(pre_cfg), pre_abstract, mesh, rules)
+    _, gpt = checkpoint.load_params(fc.pretrained, shardings=pre_sh)
+    logging.info("fine-tuning from %s", fc.pretrained)
+    if fc.task == "dialogue":
+      return gpt
+
+    def build(gpt, rng):
+      # Only the new rows and the head are drawn: every random op costs compile time.
+      k_wte, k_head = jax.random.split(rng)
+      return {
+        "gpt": resize_embeddings(gpt, base_vocab, model_cfg, k_wte),
+        "head": head_params(model_cfg, fc, k_head),
+      }
+
+    return jax.jit(build, out_shardings=shardings)(gpt, jax.random.key(config.train.seed))
+
+  return load
+
+
+# ------------------------------------------------------------------ data
+
+
+def _prepare_classification(config, tok, base_vocab: int):
+  """(train arrays, eval arrays or None, sequences per example, padded length)."""
+  fc = config.finetune
+  sp = fd.Specials.after(base_vocab)
+  max_len = fc.max_len or config.model.block_size
+  train_enc = fd.encode_records(fc, fd.read_split(fc, "train"), tok, sp, max_len, need_labels=True)
+  eval_enc = fd.encode_records(fc, fd.read_split(fc, "eval"), tok, sp, max_len, need_labels=True)
+  if not len(train_enc):
+    raise UserError(f"{fc.tfds_name or fc.train_path}: no training examples")
+  encs = [e for e in (train_enc, eval_enc) if len(e)]
+  num_seqs = max(len(row) for e in encs for row in e.seqs)
+  seq_len = fd.round_len(max(len(s) for e in encs for row in e.seqs for s in row), max_len)
+  train_arrays = fd.pack(train_enc, seq_len, num_seqs, fc.regression)
+  eval_arrays = fd.pack(eval_enc, seq_len, num_seqs, fc.regression) if len(eval_enc) else None
+  return train_arrays, eval_arrays, num_seqs, seq_len
+
+
+def encode_dialogues(fc, path: str, tok, max_len: int) -> list[tuple[list[int], list[int]]]:
+  dialogues = fd.read_dialogues(path, fc.max_examples)
+  ids = tok.encode_batch([t for _, turns in dialogues for t in turns])
+  out, pos = [], 0
+  for _, turns in dialogues:
+    turn_ids = ids[pos : pos + len(turns)]
+    pos += len(turns)
+    out.append(
+      fd.dialogue_sequence(
+        turn_ids, tok.eot_id, max_len=max_len, loss_turns=fc.loss_turns, reverse=fc.reverse_turns
+      )
+    )
+  return out
+
+
+def _prepare_dialogue(config, tok):
+  fc = config.finetune
+  max_len = fc.max_len or config.model.block_size
+  train_ex = encode_dialogues(fc, fc.train_path, tok, max_len)
+  if not train_ex:
+    raise UserError(f"{fc.train_path}: no dialogues")
+  eval_ex = encode_dialogues(fc, fc.eval_path, tok, max_len) if fc.eval_path else []
+  seq_len = fd.round_len(max(len(t) - 1 for t, _ in train_ex + eval_ex), max_len)
+  pack = lambda ex: fd.pack_dialogues(ex, seq_len, tok.eot_id)
+  return pack(train_ex), (pack(eval_ex) if eval_ex else None), 1, seq_len
+
+
+# ------------------------------------------------------------- the run
+
+
+def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
+  fc = config.finetune
+  train_arrays, eval_arrays, num_seqs, seq_len = prepared
+
+  def task_fn(config, workdir, mesh):
+    pi, pc = jax.process_index(), jax.process_count()
+    train_iter = fd.train_iterator(
+      train_arrays,
+      batch_size=config.train.batch_size,
+      seed=config.data.shuffle_seed,
+      process_index=pi,
+      process_count=pc,
+      data_cfg=config.data,
+    )
+    eval_bs = config.eval.batch_size or config.train.batch_size
+    batches = []
+    if eval_arrays is not None:
+      batches = fd.eval_batches(eval_arrays, batch_size=eval_bs, process_index=pi, process_count=pc)
+    common = dict(
+      train_iter=train_iter,
+      meta={"tokenizer": tok.fingerprint, "finetune_task": fc.task},
+      tokens_per_example=num_seqs * seq_len,
+      initial_params=_initial_params(config, base_vocab, mesh, fc),
+    )
+    if fc.task == "dialogue":
+      return train.Task(
+        init_params=lambda rng: model.init_params(config.model, rng),
+        param_specs=model.logical_specs(config.model),
+        loss_fn=train.lm_loss_fn(config.model),
+        eval_batches=batches,
+        **common,
+      )
+
+    extra_eval = None
+    if batches:
+      program = _scores_program(config.model, fc, mesh)
+      labels = eval_arrays["label"]
+      name = best_metric_name(fc)
+      steps = _eval_steps(workdir, config.eval.every_steps, config.train.num_steps)
+      best = {"record": read_best(workdir)}
+
+      def extra_eval(params, step=None):
+        step = step if step is not None else (steps.pop(0) if steps else config.train.num_steps)
+        m = metrics(fc, score_batches(program, params, batches, len(labels), mesh), labels)
+        m["epoch"] = step / steps_per_epoch
+        if best["record"] is None or m[name] > best["record"][name]:
+          best["record"] = {"step": step, **m}
+          _write_export(Path(workdir), config, params, tok, best["record"])
+        return {f"val/{k}": v for k, v in m.items()}
+
+    def finish(params):
+      del params
+      record = read_best(workdir)
+      if record is not None and jax.process_index() == 0:
+        print(
+          f"best val/{best_metric_name(fc)} {record[best_metric_name(fc)]:.4f} at step {record['step']} "
+          f"(epoch {record['epoch']:.2f}) -> {os.path.join(workdir, BEST_DIR)}",
+          flush=True,
+        )
+
+    return train.Task(
+      init_params=lambda rng: init_params(config.model, fc, rng),
+      param_specs=param_specs(config.model),
+      loss_fn=make_loss_fn(config.model, fc),
+      eval_batches=[],
+      extra_eval=extra_eval,
+      finish=finish,
+      **common,
+    )
+
+  return task_fn
+
+
+def run(config, workdir: str) -> dict:
+  """Fine-tunes config.finetune.pretrained (or config.init_from) in workdir; resumes like train.run.
+
+  Sets config.model from the pretrained checkpoint (RUNTIME_FIELDS from the
+  config), train.num_steps and eval.every_steps from finetune.epochs, and
+  optim.warmup_steps from finetune.warmup_fraction, then calls train.run.
+  Returns its final metrics plus the best validation record ("best/...").
+  """
+  workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+  fc = config.finetune
+  with config.unlocked():
+    if config.init_from:
+      if fc.pretrained and fc.pretrained != config.init_from:
+        raise config_lib.ConfigError(
+          f"config.init_from={config.init_from!r} and config.finetune.pretrained={fc.pretrained!r} differ"
+        )
+      # train.run would load init_from as a plain GPT tree; the task loads it.
+      fc.pretrained, config.init_from = config.init_from, ""
+    config.model, base_vocab = finetune_model_config(config)
+  max_len = fc.max_len or config.model.block_size
+  if max_len > config.model.block_size:
+    raise config_lib.ConfigError(
+      f"config.finetune.max_len={fc.max_len} exceeds model.block_size={config.model.block_size}"
+    )
+  os.makedirs(workdir, exist_ok=True)
+  tok = _run_tokenizer(config, workdir)
+  if tok.vocab_size > base_vocab:
+    raise UserError(f"the tokenizer has {tok.vocab_size} ids but the model only {base_vocab}")
+  if fc.task == "dialogue":
+    prepared = _prepare_dialogue(config, tok)
+  else:
+    prepared = _prepare_classification(config, tok, base_vocab)
+  n_train = len(prepared[0]["tokens"])
+  batch = config.train.batch_size
+  steps_per_epoch = math.ceil(n_train / batch)
+  with config.unlocked():
+    if fc.epochs > 0:
+      config.train.num_steps = max(1, math.ceil(fc.epochs * n_train / batch))
+      config.eval.every_steps = steps_per_epoch
+    if fc.warmup_fraction > 0:
+      config.optim.warmup_steps = max(1, round(fc.warmup_fraction * config.train.num_steps))
+  logging.info(
+    "fine-tuning %s: %d training examples (%d sequence(s) of %d tokens each), %d eval examples, "
+    "%d steps of %d (%d per epoch), warmup %d",
+    fc.task,
+    n_train,
+    prepared[2],
+    prepared[3],
+    0 if prepared[1] is None else len(prepared[1]["tokens"]),
+    config.train.num_steps,
+    batch,
+    steps_per_epoch,
+    config.optim.warmup_steps,
+  )
+  final = train.run(config, workdir, _make_task_fn(config, tok, base_vocab, prepared, steps_per_epoch))
+  record = read_best(workdir) if fc.task != "dialogue" else None
+  if record:
+    final.update({f"best/{k}": v for k, v in record.items()})
+  return final
+
+
+# --------------------------------------------------------------- predict
+
+
+def _abstract(config):
+  fc = config.finetune
+  if fc.task == "dialogue":
+    return jax.eval_shape(lambda: model.init_params(config.model, jax.random.key(0)))
+  return jax.eval_shape(lambda: init_params(config.model, fc, jax.random.key(0)))
+
+
+def _restore(item_dir: Path, abstract, wrap: bool):
+  import orbax.checkpoint as ocp
+
+  args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  item = {"params": abstract} if wrap else abstract
+  args = {"params": args} if wrap else args
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(
+        item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+      )
+  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one user-facing error
+    raise UserError(
+      f"cannot restore params from {item_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
+    ) from e
+  return out["params"] if wrap else out
+
+
+def load_finetuned(path: str):
+  """(config, params, tokenizer) of a fine-tuning run: its best/ export, else its newest checkpoint.
+
+  path: a fine-tuning workdir or a best/ directory.
+  """
+  p = Path(path).expanduser().absolute()
+  export = p if (p / "params").exists() else p / BEST_DIR
+  if (export / "params").exists():
+    config = checkpoint._tuples(checkpoint.load_config_file(export / checkpoint.CONFIG_FILE))
+    params = _restore(export / "params", _abstract(config), wrap=False)
+    return config, params, tokenizer_lib.load_dir(str(export / "tokenizer"))
+  if not (p / checkpoint.CONFIG_FILE).exists():
+    raise UserError(f"{path}: not a fine-tuning workdir (no {BEST_DIR}/ and no {checkpoint.CONFIG_FILE})")
+  config = checkpoint._tuples(checkpoint.load_config_file(p / checkpoint.CONFIG_FILE))
+  steps = sorted(int(d.name) for d in (p / "checkpoints").glob("*") if d.name.isdigit())
+  if not steps:
+    raise UserError(f"{path}: no finished checkpoint to predict with")
+  params = _restore(p / "checkpoints" / str(steps[-1]) / "state", _abstract(config), wrap=True)
+  return config, params, tokenizer_lib.load_dir(str(p / "tokenizer"))
+
+
+def predict(path: str, input_path: str, *, batch_size: int = 32) -> tuple[list[dict], dict]:
+  """Predictions for the rows of input_path (the training file format; labels optional).
+
+  Returns (one dict per row: "where", then "label" + "probs", or "score" for
+  regression; metrics over the rows that carry a label, {} if none).
+  """
+  config, params, tok = load_finetuned(path)
+  fc = config.finetune
+  if fc.task == "dialogue":
+    raise UserError(f"{path} holds a dialogue model: talk to it with python -m gpt_jax.chat")
+  sp = fd.Specials.after(config.model.vocab_size - fd.NUM_SPECIALS)
+  max_len = fc.max_len or config.model.block_size
+  enc = fd.encode_records(fc, list(fd.read_file(input_path)), tok, sp, max_len, need_labels=False)
+  if not len(enc):
+    raise UserError(f"{input_path}: no rows")
+  num_seqs = max(len(r) for r in enc.seqs)
+  seq_len = fd.round_len(max(len(s) for r in enc.seqs for s in r), max_len)
+  arrays = fd.pack(enc, seq_len, num_seqs, fc.regression)
+  batches = fd.eval_batches(arrays, batch_size=batch_size, process_index=0, process_count=1)
+  out = score_batches(_scores_program(config.model, fc), params, batches, len(enc))
+  names = [n.strip() for n in fc.labels.split(",")] if fc.labels else []
+  rows = []
+  for i, where in enumerate(enc.where):
+    if fc.regression:
+      rows.append({"where": where, "score": float(out[i, 0])})
+      continue
+    z = out[i] - out[i].max()
+    probs = np.exp(z) / np.exp(z).sum()
+    k = int(probs.argmax())
+    rows.append(
+      {"where": where, "label": names[k] if names else k, "probs": [round(float(q), 6) for q in probs]}
+    )
+  labelled = [i for i, v in enumerate(enc.labels) if v is not None]
+  summary = {}
+  if labelled:
+    summary = metrics(fc, out[labelled], np.array([enc.labels[i] for i in labelled]))
+    summary["rows"] = len(labelled)
+  return rows, summary
+
+
+# ------------------------------------------------------------------- CLI
+
+_CONFIG = None
+
+
+@config_lib.cli_main
+def main(argv):
+  from absl import flags
+
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  F = flags.FLAGS
+  if F.predict:
+    rows, summary = predict(F.workdir, F.predict, batch_size=F.batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if F.output:
+      Path(F.output).write_text(lines, encoding="utf-8")
+    else:
+      print(lines, end="", flush=True)
+    if summary:
+      print(
+        "labelled rows: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()),
+        flush=True,
+        file=sys.stderr,
+      )
+    return
+  if _CONFIG.value is None:
+    raise UserError("give --config=configs/finetune_*.py to train, or --predict=FILE to predict")
+  config = config_lib.validate(_CONFIG.value)
+  if config.job != "finetune":
+    raise UserError(f"config.job={config.job!r}: gpt_jax.finetune runs configs with job='finetune'")
+  logging.set_verbosity(logging.INFO)
+  run(config, F.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/finetune_*.py file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Fine-tuning run directory (to train in, or to predict with).")
+  flags.DEFINE_string("predict", "", "Predict labels for the rows of this .jsonl / .csv / .tsv file.")
+  flags.DEFINE_string("output", "", "Write predictions here (JSONL); default stdout.")
+  flags.DEFINE_integer("batch_size", 32, "Rows per prediction batch.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
