@@ -37,7 +37,8 @@ def main(argv):
   if config.job == "finetune":
     from gpt_jax import finetune
 
-    return finetune.run(config, _WORKDIR.value)
+    finetune.run(config, _WORKDIR.value)  # Its metrics dict must not reach sys.exit (exit 1).
+    return
   train.run(config, _WORKDIR.value)
 
 
