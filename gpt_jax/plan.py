@@ -669,11 +669,13 @@ def format_plan(p: dict) -> str:
     f"scan_layers {p['scan_layers']}",
     f"per device: params {_gib(p['params_bytes'])}, optimiser state {_gib(p['opt_state_bytes'])}",
   ]
-  if "temp_bytes" in p:
+  if "argument_bytes" in p:
     lines.append(
       f"compiled: arguments {_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}, "
       f"outputs not aliased {_gib(p['output_bytes'] - p['alias_bytes'])}, code {_gib(p['code_bytes'])}"
     )
+  elif "temp_bytes" in p:
+    lines.append(f"TPU compiler: temporaries alone {_gib(p['temp_bytes'])}")
   verdict = "FITS" if p["fits"] else "DOES NOT FIT"
   lines.append(
     f"needs {_needed(p)} per device of {_gib(p['memory_per_device_bytes'])}: {verdict} "
@@ -700,7 +702,7 @@ def format_plan(p: dict) -> str:
 def format_ladder(rows: list[dict]) -> str:
   head = (
     f"{'rung':<12} {'params':>8} {'non-emb':>8} {'GFLOP/tok':>9} {'remat':<13} {'seq/dev':>7} "
-    f"{'params':>9} {'opt':>9} {'temp':>9} {'needed':>11}  fits  compile"
+    f"{'params':>10} {'opt':>10} {'temp':>10} {'needed':>11}  fits  compile"
   )
   lines = [head, "-" * len(head)]
   for r in rows:
@@ -711,7 +713,7 @@ def format_ladder(rows: list[dict]) -> str:
     lines.append(
       f"{r['rung']:<12} {r['params'] / 1e6:>7.0f}M {r['non_embedding_params'] / 1e6:>7.0f}M "
       f"{r['flops_per_token'] / 1e9:>9.2f} {r['remat']:<13} {r['sequences_per_device']:>7} "
-      f"{_gib(r['params_bytes']):>9} {_gib(r['opt_state_bytes']):>9} {temp:>9} {_needed(r):>11}  "
+      f"{_gib(r['params_bytes']):>10} {_gib(r['opt_state_bytes']):>10} {temp:>10} {_needed(r):>11}  "
       f"{'yes ' if r['fits'] else 'NO  '}  {r['compile_seconds']:.0f} s"
     )
   if rows and "note" in rows[0]:

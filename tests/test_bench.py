@@ -1,7 +1,5 @@
 """Benchmarks report consistent figures (no speed is asserted here: `python -m gpt_jax.bench` prints them)."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,17 +62,3 @@ def test_cli_usage_error_is_one_line():
     text=True,
   )
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train|sample" in r.stderr, r.stderr
-
-
-@pytest.mark.slow
-def test_cli_writes_json(tmp_path):
-  out = tmp_path / "bench.json"
-  r = subprocess.run(
-    [sys.executable, "-m", "gpt_jax.bench", "train", "--config=configs/debug.py", "--steps=2", "--rounds=1",
-     "--warmup=1", f"--json_out={out}"],
-    cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-  )  # fmt: skip
-  assert r.returncode == 0, r.stderr[-2000:]
-  figures = json.loads(out.read_text())
-  assert figures["benchmark"] == "train" and figures["command"].startswith("python -m gpt_jax.bench train")
-  assert f"{figures['tokens_per_s']:.1f} tokens/s" in r.stdout
