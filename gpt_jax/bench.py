@@ -198,6 +198,8 @@ def bench_train(
     "tokens_per_step": tokens_per_step,
     "flops_per_token": flops_tok,
     "compile_s": round(ours.compile_seconds, 2),
+    # Other processes on the machine slow both sides alike; this says how busy it was.
+    "load_average_start": round(os.getloadavg()[0], 2),
   }
   ref = None
   if compare == "hf_torch":
@@ -244,6 +246,7 @@ def bench_train(
     result["peak_source"] = source
   result["mfu"] = flops_tok * result["tokens_per_s"] / peak
   result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory()
+  result["load_average_end"] = round(os.getloadavg()[0], 2)
   if ref is not None:
     rs = _stats(ref_t)
     result.update({f"hf_torch_step_{k}": v for k, v in rs.items()})
@@ -257,7 +260,8 @@ def format_train(r: dict) -> str:
   lines = [
     f"train step: {r['model']} ({r['params'] / 1e6:.1f}M params), {r['dtype']}, remat {r['remat']}, "
     f"scan {r['scan_layers']}, attention {r['attention_impl']}, batch {r['batch']}",
-    f"devices: {r['devices']} ({r['cpu_count']} CPU cores); compile {r['compile_s']:.1f} s",
+    f"devices: {r['devices']} ({r['cpu_count']} CPU cores, load average {r['load_average_start']} -> "
+    f"{r['load_average_end']}); compile {r['compile_s']:.1f} s",
     f"ours: {r['tokens_per_s']:.1f} tokens/s, step {r['step_median_s'] * 1e3:.1f} ms median "
     f"(min {r['step_min_s'] * 1e3:.1f}, p90 {r['step_p90_s'] * 1e3:.1f}, IQR {r['step_iqr_pct']:.1f}%, "
     f"{r['step_steps']} steps)",
