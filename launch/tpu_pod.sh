@@ -28,7 +28,7 @@
 # The workdir must be a gs:// path (workers share no disk); checkpoints go there.
 set -euo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name="" zone="" project="" accel="v5litepod-8" version="" capacity="" queued=0 valid_until=""
 jax_version="" remote_dir="gpt_jax" skip_install=0 preflight=0 logs_only=0 delete=0 dry_run=0
