@@ -40,15 +40,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from jax.sharding import PartitionSpec
 
 from gpt_jax import checkpoint, model, sharding, train
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
+from gpt_jax import finetune_heads as heads
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.config import UserError
 
@@ -57,195 +55,6 @@ from gpt_jax.config import UserError
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "embd_dropout", "attn_dropout", "resid_dropout")
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-
-# ----------------------------------------------------------- parameters
-
-
-def num_outputs(fc) -> int:
-  """Width of the linear head: classes, or 1 (a regression score / one choice's score)."""
-  if fc.task == "multiple_choice" or fc.regression:
-    return 1
-  return int(fc.num_classes)
-
-
-def head_params(model_cfg, fc, rng) -> dict:
-  """The linear head: kernel [D, O] ~ N(0, init_std), bias [O] = 0."""
-  dtype = model.DTYPES[model_cfg.param_dtype]
-  kernel_DO = jax.random.normal(rng, (model_cfg.d_model, num_outputs(fc)), dtype) * model_cfg.init_std
-  return {"kernel": kernel_DO, "bias": jnp.zeros((num_outputs(fc),), dtype)}
-
-
-def init_params(model_cfg, fc, rng):
-  """{"gpt": GPT params, "head": head_params}, all randomly initialised."""
-  k_gpt, k_head = jax.random.split(rng)
-  return {"gpt": model.init_params(model_cfg, k_gpt), "head": head_params(model_cfg, fc, k_head)}
-
-
-def param_specs(model_cfg):
-  """Logical specs: the GPT's own (wte keeps ("vocab", "embed") as it grows); the head replicated."""
-  return {"gpt": model.logical_specs(model_cfg), "head": {"kernel": PartitionSpec(), "bias": PartitionSpec()}}
-
-
-def resize_embeddings(gpt_params, base_vocab: int, model_cfg, rng):
-  """GPT params whose wte has the rows of model_cfg: rows < base_vocab copied, the others N(0, init_std)."""
-  old_VD = gpt_params["wte"]
-  rows = model.padded_vocab_size(model_cfg)
-  fresh_VD = jax.random.normal(rng, (rows, old_VD.shape[1]), old_VD.dtype) * model_cfg.init_std
-  return {**gpt_params, "wte": fresh_VD.at[:base_vocab].set(old_VD[:base_vocab])}
-
-
-# ---------------------------------------------------------- forward, loss
-
-
-def forward(model_cfg, fc, params, batch, *, deterministic: bool, rng, with_lm: bool):
-  """(head outputs, per-example LM loss or None).
-
-  Outputs: [B, classes] logits; [B, 1] regression scores; [B, C] choice
-  logits (choices absent from an example at -1e9). Inputs: batch["tokens"]
-  [B, C, T] (C = 1, 2 orders, or choices), batch["lengths"] [B, C].
-  """
-  tokens_BCT, lengths_BC = batch["tokens"], batch["lengths"]
-  B, C, T = tokens_BCT.shape
-  rng_model, rng_head = jax.random.split(rng)
-  logits_NTV, hidden_NTD = model.GPT(model_cfg).apply(
-    {"params": params["gpt"]},
-    tokens_BCT.reshape(B * C, T),
-    deterministic=deterministic,
-    rngs={"dropout": rng_model},
-    return_hidden=True,
-  )
-  # The extract token is the last real token of each sequence.
-  extract_N = jnp.maximum(lengths_BC.reshape(B * C) - 1, 0)
-  h_BCD = hidden_NTD[jnp.arange(B * C), extract_N].reshape(B, C, -1).astype(jnp.float32)
-  valid_BC = lengths_BC > 0
-  if fc.task == "similarity":
-    h_BCD = h_BCD.sum(axis=1, keepdims=True)  # §3.3: the two orders' states added elementwise.
-  if not deterministic and fc.head_dropout > 0:
-    keep = jax.random.bernoulli(rng_head, 1.0 - fc.head_dropout, h_BCD.shape)
-    h_BCD = jnp.where(keep, h_BCD / (1.0 - fc.head_dropout), 0.0)
-  kernel_DO = params["head"]["kernel"].astype(jnp.float32)
-  out_BCO = (
-    jnp.einsum("BCD,DO->BCO", h_BCD, kernel_DO) + params["head"]["bias"].astype(jnp.float32)[None, None]
-  )
-  if fc.task == "multiple_choice":
-    out = jnp.where(valid_BC, out_BCO[:, :, 0], -1e9)
-  else:
-    out = out_BCO[:, 0]
-  if not with_lm:
-    return out, None
-  # L1 (§3.2): next-token loss over each sequence's real tokens.
-  nll_NT = optax.softmax_cross_entropy_with_integer_labels(
-    logits_NTV[:, :-1], tokens_BCT.reshape(B * C, T)[:, 1:]
-  ).reshape(B, C, T - 1)
-  mask_BCT = jnp.arange(T - 1)[None, None, :] < (lengths_BC - 1)[:, :, None]
-  per_seq_BC = (nll_NT * mask_BCT).sum(-1) / jnp.maximum(mask_BCT.sum(-1), 1)
-  lm_B = (per_seq_BC * valid_BC).sum(-1) / jnp.maximum(valid_BC.sum(-1), 1)
-  return out, lm_B
-
-
-def task_loss(fc, out, label_B):
-  """(L2 per example, 1.0 where the prediction is right / 0.0; None for regression)."""
-  if fc.regression:
-    return jnp.square(out[:, 0] - label_B), None
-  loss_B = optax.softmax_cross_entropy_with_integer_labels(out, label_B)
-  return loss_B, (jnp.argmax(out, axis=-1) == label_B).astype(jnp.float32)
-
-
-def make_loss_fn(model_cfg, fc):
-  """train.Task.loss_fn: sums over examples of L3 = L2 + λ·L1, weight = examples."""
-  lm_coef = float(fc.lm_coef)
-
-  def loss_fn(params, batch, rng, deterministic):
-    out, lm_B = forward(
-      model_cfg, fc, params, batch, deterministic=deterministic, rng=rng, with_lm=lm_coef > 0
-    )
-    clf_B, correct_B = task_loss(fc, out, batch["label"])
-    w_B = batch.get("weight", jnp.ones(clf_B.shape, jnp.float32))
-    total_B = clf_B if lm_B is None else clf_B + lm_coef * lm_B
-    aux = {"task_loss": (clf_B * w_B).sum()}
-    if lm_B is not None:
-      aux["lm_loss"] = (lm_B * w_B).sum()
-    if correct_B is not None:
-      aux["accuracy"] = (correct_B * w_B).sum()
-    return (total_B * w_B).sum(), w_B.sum(), aux
-
-  return loss_fn
-
-
-# --------------------------------------------------------------- metrics
-
-
-def _ranks(x):
-  """Ranks 1..n with ties given their average rank (for Spearman's rho)."""
-  order = np.argsort(x, kind="stable")
-  ranks = np.empty(len(x), np.float64)
-  sorted_x = x[order]
-  i = 0
-  while i < len(x):
-    j = i
-    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-      j += 1
-    ranks[order[i : j + 1]] = (i + j) / 2 + 1
-    i = j + 1
-  return ranks
-
-
-def _pearson(a, b) -> float:
-  a, b = a - a.mean(), b - b.mean()
-  den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-  return float((a * b).sum() / den) if den > 0 else 0.0
-
-
-def metrics(fc, out, labels) -> dict:
-  """Validation metrics from head outputs [N, ...] and labels [N] (numpy)."""
-  out = np.asarray(out, np.float64)
-  if fc.regression:
-    pred, y = out[:, 0], np.asarray(labels, np.float64)
-    return {
-      "mse": float(np.mean((pred - y) ** 2)),
-      "pearson": _pearson(pred, y),
-      "spearman": _pearson(_ranks(pred), _ranks(y)),
-    }
-  y = np.asarray(labels, np.int64)
-  logp = out - out.max(-1, keepdims=True)
-  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-  pred = out.argmax(-1)
-  result = {"accuracy": float(np.mean(pred == y)), "loss": float(-np.mean(logp[np.arange(len(y)), y]))}
-  if fc.task != "multiple_choice" and out.shape[-1] == 2:
-    tp = int(np.sum((pred == 1) & (y == 1)))
-    wrong = int(np.sum(pred != y))
-    result["f1"] = 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
-  return result
-
-
-def best_metric_name(fc) -> str:
-  return fc.best_metric or ("pearson" if fc.regression else "accuracy")
-
-
-def _scores_program(model_cfg, fc, mesh=None):
-  """jit(params, batch) -> head outputs (replicated on the mesh, if any)."""
-
-  def fn(params, batch):
-    return forward(model_cfg, fc, params, batch, deterministic=True, rng=jax.random.key(0), with_lm=False)[0]
-
-  if mesh is None:
-    return jax.jit(fn)
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
-
-
-def score_batches(program, params, batches, num_examples: int, mesh=None) -> np.ndarray:
-  """Head outputs of the first num_examples rows of `batches` (finetune_data.eval_batches layout).
-
-  Global batch b holds examples [b * E, (b + 1) * E) with process p's rows in
-  its p-th slice, so the replicated outputs concatenate in example order.
-  """
-  outs = []
-  for b in batches:
-    inputs = {k: v for k, v in b.items() if k in ("tokens", "lengths")}
-    inputs = sharding.global_batch(inputs, mesh) if mesh is not None else inputs
-    outs.append(np.asarray(program(params, inputs)))
-  return np.concatenate(outs)[:num_examples]
-
 
 # -------------------------------------------------------- best export
 
@@ -377,8 +186,8 @@ def _initial_params(config, base_vocab: int, mesh, fc):
       # Only the new rows and the head are drawn: every random op costs compile time.
       k_wte, k_head = jax.random.split(rng)
       return {
-        "gpt": resize_embeddings(gpt, base_vocab, model_cfg, k_wte),
-        "head": head_params(model_cfg, fc, k_head),
+        "gpt": heads.resize_embeddings(gpt, base_vocab, model_cfg, k_wte),
+        "head": heads.head_params(model_cfg, fc, k_head),
       }
 
     return jax.jit(build, out_shardings=shardings)(gpt, jax.random.key(config.train.seed))
@@ -451,6 +260,11 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
       data_cfg=config.data,
     )
     eval_bs = config.eval.batch_size or config.train.batch_size
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if eval_arrays is not None and eval_bs % dp:
+      raise config_lib.ConfigError(
+        f"config.eval.batch_size={eval_bs} (0 = train.batch_size) must be divisible by mesh data*fsdp = {dp}"
+      )
     batches = []
     if eval_arrays is not None:
       batches = fd.eval_batches(eval_arrays, batch_size=eval_bs, process_index=pi, process_count=pc)
@@ -471,15 +285,15 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
 
     extra_eval = None
     if batches:
-      program = _scores_program(config.model, fc, mesh)
+      program = heads.scores_program(config.model, fc, mesh)
       labels = eval_arrays["label"]
-      name = best_metric_name(fc)
+      name = heads.best_metric_name(fc)
       steps = _eval_steps(workdir, config.eval.every_steps, config.train.num_steps)
       best = {"record": read_best(workdir)}
 
       def extra_eval(params, step=None):
         step = step if step is not None else (steps.pop(0) if steps else config.train.num_steps)
-        m = metrics(fc, score_batches(program, params, batches, len(labels), mesh), labels)
+        m = heads.metrics(fc, heads.score_batches(program, params, batches, len(labels), mesh), labels)
         m["epoch"] = step / steps_per_epoch
         if best["record"] is None or m[name] > best["record"][name]:
           best["record"] = {"step": step, **m}
@@ -488,18 +302,18 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
 
     def finish(params):
       del params
-      record = read_best(workdir)
+      record, name = read_best(workdir), heads.best_metric_name(fc)
       if record is not None and jax.process_index() == 0:
         print(
-          f"best val/{best_metric_name(fc)} {record[best_metric_name(fc)]:.4f} at step {record['step']} "
-          f"(epoch {record['epoch']:.2f}) -> {os.path.join(workdir, BEST_DIR)}",
+          f"best val/{name} {record[name]:.4f} at step {record['step']} (epoch {record['epoch']:.2f}) "
+          f"-> {os.path.join(workdir, BEST_DIR)}",
           flush=True,
         )
 
     return train.Task(
-      init_params=lambda rng: init_params(config.model, fc, rng),
-      param_specs=param_specs(config.model),
-      loss_fn=make_loss_fn(config.model, fc),
+      init_params=lambda rng: heads.init_params(config.model, fc, rng),
+      param_specs=heads.param_specs(config.model),
+      loss_fn=heads.make_loss_fn(config.model, fc),
       eval_batches=[],
       extra_eval=extra_eval,
       finish=finish,
@@ -577,7 +391,7 @@ def _abstract(config):
   fc = config.finetune
   if fc.task == "dialogue":
     return jax.eval_shape(lambda: model.init_params(config.model, jax.random.key(0)))
-  return jax.eval_shape(lambda: init_params(config.model, fc, jax.random.key(0)))
+  return jax.eval_shape(lambda: heads.init_params(config.model, fc, jax.random.key(0)))
 
 
 def _restore(item_dir: Path, abstract, wrap: bool):
@@ -638,7 +452,7 @@ def predict(path: str, input_path: str, *, batch_size: int = 32) -> tuple[list[d
   seq_len = fd.round_len(max(len(s) for r in enc.seqs for s in r), max_len)
   arrays = fd.pack(enc, seq_len, num_seqs, fc.regression)
   batches = fd.eval_batches(arrays, batch_size=batch_size, process_index=0, process_count=1)
-  out = score_batches(_scores_program(config.model, fc), params, batches, len(enc))
+  out = heads.score_batches(heads.scores_program(config.model, fc), params, batches, len(enc))
   names = [n.strip() for n in fc.labels.split(",")] if fc.labels else []
   rows = []
   for i, where in enumerate(enc.where):
@@ -654,7 +468,7 @@ def predict(path: str, input_path: str, *, batch_size: int = 32) -> tuple[list[d
   labelled = [i for i, v in enumerate(enc.labels) if v is not None]
   summary = {}
   if labelled:
-    summary = metrics(fc, out[labelled], np.array([enc.labels[i] for i in labelled]))
+    summary = heads.metrics(fc, out[labelled], np.array([enc.labels[i] for i in labelled]))
     summary["rows"] = len(labelled)
   return rows, summary
 
@@ -695,7 +509,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/finetune_*.py file.", lock_config=True)
@@ -704,4 +518,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("output", "", "Write predictions here (JSONL); default stdout.")
   flags.DEFINE_integer("batch_size", 32, "Rows per prediction batch.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  config_lib.run(main)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
@@ -327,11 +327,15 @@ class Decoded:
 
 def check_sampling(temperature, top_k, top_p, max_new_tokens=0) -> None:
   """Raises UserError for a setting generate cannot use."""
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+
+  def is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+  if not is_int(max_new_tokens) or max_new_tokens < 0:
     raise config_lib.UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
   if not temperature >= 0:
     raise config_lib.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+  if not is_int(top_k) or top_k < 0:
     raise config_lib.UserError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
   if not 0 < top_p <= 1:
     raise config_lib.UserError(f"top_p={top_p} must be in (0, 1] (1 = off)")
@@ -519,8 +523,8 @@ def generate_text(model_cfg, params, tokenizer, prompts: list[str], *, stop_stri
 class TextStreamer:
   """Writes one row's text as its tokens arrive, never printing a partial character or stop string."""
 
-  def __init__(self, tokenizer, stop_strings=(), row: int = 0, out=sys.stdout):
-    self.tokenizer, self.row, self.out = tokenizer, row, out
+  def __init__(self, tokenizer, stop_strings=(), row: int = 0, out=None):
+    self.tokenizer, self.row, self.out = tokenizer, row, out or sys.stdout
     self.stop_strings = [s for s in stop_strings if s]
     self.ids, self.printed, self.finished = [], "", False
 
@@ -621,6 +625,7 @@ def benchmark_generate(
       figures[f"b{B}_{name}_first_call_s"] = round(time.perf_counter() - t0, 2)
       seconds, our_tokens = best_seconds(ours)
       figures[f"b{B}_{name}_tokens_per_s"] = round(B * max_new_tokens / seconds, 1)
+      logging.info("batch %d %s: %.1f tokens/s", B, name, B * max_new_tokens / seconds)
       if not reference:
         continue
       hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, **kw)
@@ -637,6 +642,7 @@ def benchmark_generate(
         hf_seconds, hf_tokens = best_seconds(theirs)
       figures[f"b{B}_{name}_transformers_tokens_per_s"] = round(B * max_new_tokens / hf_seconds, 1)
       figures[f"b{B}_{name}_speedup"] = round(hf_seconds / seconds, 2)
+      logging.info("batch %d %s: transformers %.1f tokens/s", B, name, B * max_new_tokens / hf_seconds)
       if name == "greedy":
         figures[f"b{B}_greedy_same_tokens"] = our_tokens == hf_tokens[:, prompt_len:].tolist()
   return figures
@@ -708,4 +714,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  config_lib.run(main)
