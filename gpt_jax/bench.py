@@ -27,7 +27,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from gpt_jax import config as config_lib
@@ -367,4 +367,4 @@ if __name__ == "__main__":
   flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes.")
   flags.DEFINE_integer("prompt_len", 16, "sample: prompt tokens.")
   flags.DEFINE_integer("max_new_tokens", 128, "sample: generated tokens per row.")
-  app.run(main)
+  config_lib.run(main)

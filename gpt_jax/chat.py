@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from gpt_jax import checkpoint, sample
 from gpt_jax import config as config_lib
@@ -253,4 +253,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  config_lib.run(main)

@@ -38,6 +38,47 @@ def cli_main(fn):
   return wrapper
 
 
+def _die(message: str):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag, config file or override as one line and exit 2."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _die(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # An override naming a field the config file lacks.
+    key = str(e).strip("'\"")
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and key in a.split("=")[0].split(".")]
+    _die(f"{bad[0] if bad else key}: no such config field (see configs/base.py)")
+  except (TypeError, ValueError) as e:
+    _die(f"bad command-line value: {e}")
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if isinstance(flag, config_flags.config_flags._ConfigFlag) and flag.present:
+      try:
+        flag.value.keys()  # Loading errors surface on first access.
+      except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
+        while e.__cause__ is not None or e.__context__ is not None:
+          e = e.__cause__ or e.__context__
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else ""
+        _die(f"--{name}={flag.config_filename}: cannot load it ({type(e).__name__}: {detail})")
+  return rest
+
+
+def run(main):
+  """`app.run(main)` for every entry point: bad flags, config files, overrides and
+  UserErrors all end as one `error: ...` line and exit code 2."""
+  from absl import app
+
+  app.run(cli_main(main), flags_parser=_parse_flags)
+
+
 def _fail(field: str, value, allowed: str):
   raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
 
@@ -260,9 +301,10 @@ def _validate_finetune(config) -> None:
       names = [n for n in fc.labels.split(",") if n.strip()] if fc.labels else []
       if names and len(names) != fc.num_classes:
         _fail("finetune.labels", fc.labels, f"must name finetune.num_classes={fc.num_classes} labels")
-    allowed = {"": True, "accuracy": not fc.regression, "loss": False, "pearson": fc.regression}
-    allowed["spearman"] = fc.regression
-    allowed["f1"] = not fc.regression and fc.task != "multiple_choice" and fc.num_classes == 2
+    # Metrics where higher is better, as finetune.py selects best/ by them.
+    binary = not fc.regression and fc.task != "multiple_choice" and fc.num_classes == 2
+    allowed = {"": True, "accuracy": not fc.regression, "f1": binary}
+    allowed.update(pearson=fc.regression, spearman=fc.regression)
     if not allowed.get(fc.best_metric, False):
       _fail(
         "finetune.best_metric",

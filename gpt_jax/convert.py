@@ -524,7 +524,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(config_lib.cli_main(main))
+  config_lib.run(main)

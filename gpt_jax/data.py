@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from gpt_jax import config as config_lib
 from gpt_jax import data_sources
@@ -360,4 +360,4 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training configuration file.")
   flags.DEFINE_string("workdir", None, "Run directory (tokenizer and, by default, the data cache).")
   flags.mark_flag_as_required("workdir")
-  app.run(config_lib.cli_main(main))
+  config_lib.run(main)

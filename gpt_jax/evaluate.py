@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -621,4 +621,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(config_lib.cli_main(main))
+  config_lib.run(main)

@@ -7,7 +7,7 @@
 Re-running the same command on a workdir with checkpoints resumes it.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from gpt_jax import config as config_lib
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main)

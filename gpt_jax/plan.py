@@ -778,7 +778,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   # Defined only when run as a program, so importing plan() defines no flags.
@@ -793,4 +793,4 @@ if __name__ == "__main__":
   )
   flags.DEFINE_bool("check", False, "Exit with status 3 if it does not fit (launch/* --preflight).")
   flags.DEFINE_bool("cross_check", True, "Also count FLOPs with XLA's cost analysis of unrolled models.")
-  app.run(config_lib.cli_main(main))
+  config_lib.run(main)

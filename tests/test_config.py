@@ -124,11 +124,11 @@ def test_attention_pattern_as_config_flags_parses_it():
   assert config.model.attention_pattern == ("dense", "local")
 
 
-def _run_plan(*args):
+def _run_plan(*args, config="configs/debug.py"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
-    [sys.executable, "-m", "gpt_jax.plan", "--config=configs/debug.py", *args],
+    [sys.executable, "-m", "gpt_jax.plan", f"--config={config}", *args],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -137,11 +137,21 @@ def _run_plan(*args):
 
 
 @pytest.mark.slow
-def test_entry_point_exits_2_with_one_line_naming_the_field():
-  r = _run_plan("--config.model.num_heads=5")
+@pytest.mark.parametrize(
+  "args, config, names",
+  [
+    (["--config.model.num_heads=5"], "configs/debug.py", "model.num_heads"),
+    (["--config.model.bogus=1"], "configs/debug.py", "--config.model.bogus: no such config field"),
+    (["--config.model.num_heads=abc"], "configs/debug.py", "--config.model.num_heads=abc"),
+    (["--no_such_flag=1"], "configs/debug.py", "no_such_flag"),
+    ([], "configs/no_such_rung.py", "--config=configs/no_such_rung.py: cannot load it"),
+  ],
+)
+def test_entry_point_exits_2_with_one_line_naming_the_field(args, config, names):
+  r = _run_plan(*args, config=config)
   assert r.returncode == 2, r.stderr
   lines = r.stderr.splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and "model.num_heads" in lines[0], r.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], r.stderr
   assert r.stdout == ""
 
 
