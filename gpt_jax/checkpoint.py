@@ -84,12 +84,16 @@ def save(manager, step: int, state, data_iter, meta: dict, *, force: bool = Fals
 
 
 def restore_latest(manager, abstract_state, data_iter):
-  """Newest finalised checkpoint that restores; a broken one is reported and skipped.
+  """Newest finalised checkpoint that restores; a broken one is reported and set aside.
 
-  Returns (state, meta, step) or None when there is none. `abstract_state`
+  Returns (state, meta, step) or None when there is no checkpoint. `abstract_state`
   holds ShapeDtypeStructs with the target shardings, so a checkpoint written
-  on one mesh restores onto another.
+  on one mesh restores onto another. A step that fails while an older one
+  restores is renamed `<step>.unreadable` (kept for inspection, never listed
+  again), so the resumed run can save that step anew. When none restores,
+  the run stops with UserError and every checkpoint is left as it was.
   """
+  failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
@@ -97,15 +101,37 @@ def restore_latest(manager, abstract_state, data_iter):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-      logging.error(
-        "checkpoint at step %d cannot be restored (%s: %s); trying the previous one",
-        step,
-        type(e).__name__,
-        str(e).splitlines()[0][:300],
-      )
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      logging.error("checkpoint at step %d cannot be restored (%s); trying the previous one", step, reason)
+      failed.append((step, reason))
       continue
+    if failed:
+      _set_aside(manager, [s for s, _ in failed])
     return restored.state, restored.meta, step
+  if failed:
+    step, reason = failed[0]
+    raise UserError(
+      f"no checkpoint in {manager.directory} restores into this run (newest, step {step}: {reason}); "
+      "resume with the config they were written with, or use a new --workdir"
+    )
   return None
+
+
+def _set_aside(manager, steps) -> None:
+  """Renames unreadable step directories to `<step>.unreadable[.N]` (process 0; all wait)."""
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    for step in steps:
+      src = epath.Path(manager.directory) / str(step)
+      dst, n = src.parent / f"{step}.unreadable", 1
+      while dst.exists():
+        dst, n = src.parent / f"{step}.unreadable.{n}", n + 1
+      src.rename(dst)
+      logging.warning("moved the unreadable checkpoint %s to %s", src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("gpt_jax: unreadable checkpoints set aside")
+  manager.reload()
 
 
 # --------------------------------------------------------- params only

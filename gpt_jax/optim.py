@@ -28,18 +28,19 @@ def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices (matmul weights, embedding tables), never on
-  biases or LayerNorm gains (GPT-1 §4.1: "non bias or gain weights").
+  """Weight decay on the matmul weights only: every kernel, and wte (it is
+  also the tied output projection). Never on biases, LayerNorm gains or the
+  position table wpe, which multiplies nothing.
 
   Scanned layers add a leading layer axis, so the test is on the name, not
   only on the rank.
   """
 
-  def is_matrix(path, x):
+  def is_matmul_weight(path, x):
     name = jax.tree_util.keystr(path)
-    return x.ndim >= 2 and "bias" not in name and "scale" not in name
+    return x.ndim >= 2 and not any(n in name for n in ("bias", "scale", "wpe"))
 
-  return jax.tree_util.tree_map_with_path(is_matrix, params)
+  return jax.tree_util.tree_map_with_path(is_matmul_weight, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -256,18 +256,40 @@ def enable_compilation_cache(config, workdir: str) -> None:
 
 
 class _Preemption:
-  """SIGTERM (preemption / scancel) -> save at the next step boundary, exit 0."""
+  """SIGTERM (preemption / scancel) -> save at the next step boundary, exit 0.
+
+  One process: a Python handler sets a flag. Several processes: every host
+  must save the same step (the save is collective), so the signal is left
+  to JAX's preemption service, which `jax.distributed` starts: it sees the
+  SIGTERM on any host, tells the others, and `reached_preemption_sync_point`
+  turns true on all of them at the same step.
+  """
 
   def __init__(self):
+    from jax._src import distributed as jax_distributed
+
     self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._old = None
+    state = jax_distributed.global_state
+    self.coordinated = jax.process_count() > 1 and state.preemption_sync_manager is not None
+    if not self.coordinated:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint at the next step and exiting")
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """True at the step to save and exit on; called once per step, on every host."""
+    if self.coordinated:
+      from jax.experimental import multihost_utils
+
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 # ---------------------------------------------------------------------- loop
@@ -344,13 +366,14 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
     peak, peak_source = metrics.peak_flops(config.log.peak_flops)
     flops_tok = metrics.flops_per_token(config.model, seq, num_params) if seq else 0.0
     logging.info(
-      "mesh %s | params %s | global batch %d sequences (%d per device, microbatch %d x %d accumulation "
-      "steps) | %d tokens/step | %.3g FLOPs/token (PaLM) | peak %s",
+      "mesh %s | params %s | global batch %d sequences (%d per data-parallel device; microbatch %d = %d "
+      "per device, x %d accumulation steps) | %d tokens/step | %.3g FLOPs/token (PaLM) | peak %s",
       sharding.describe(mesh),
       f"{num_params:,}",
       tc.batch_size,
-      tc.batch_size // mesh.devices.size,
+      tc.batch_size // dp,  # The batch is split over data x fsdp; tensor devices share their rows.
       micro,
+      micro // dp,
       tc.grad_accum_steps,
       tokens_per_step,
       flops_tok,
@@ -483,6 +506,7 @@ def _loop(
 
       want_eval = config.eval.every_steps and done % config.eval.every_steps == 0
       if want_eval or done == tc.num_steps:
+        t_eval = time.perf_counter()
         if pending is not None:
           settle(pending)
           pending = None
@@ -493,16 +517,17 @@ def _loop(
           writer.write(done, ev)
           last.update(ev)
           bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-        window_t = time.perf_counter()
+        window_t += time.perf_counter() - t_eval  # Evaluation time counts in no throughput window.
 
-      if preempt.requested or done % config.checkpoint.every_steps == 0 or done == tc.num_steps:
+      stop = preempt.reached(done)
+      if stop or done % config.checkpoint.every_steps == 0 or done == tc.num_steps:
         if pending is not None:
           settle(pending)
           pending = None
         checkpoint.save(manager, done, state, task.train_iter, task.meta, force=True)
-        if preempt.requested:
+        if stop:
           manager.wait_until_finished()
-          logging.info("saved step %d after SIGTERM; exiting", done)
+          logging.warning("saved step %d after SIGTERM; exiting", done)  # On every host.
           break
     if pending is not None:
       settle(pending)

@@ -9,9 +9,11 @@ process driving 4 devices.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +189,44 @@ def test_two_processes_train_save_restore_like_one_process(tmp_path):
   np.testing.assert_allclose([first[s] for s in steps], [reference[s] for s in steps], rtol=2e-6)
   # Resuming reproduces the uninterrupted step exactly (same processes, same reduction order).
   assert resumed[3] == first[3]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
+  """A preemption notice reaching one host only: both save one common step and exit 0."""
+  workdir, port = tmp_path / "run", free_port()
+  long_run = ["--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000"]
+  cmds = [
+    main_command(
+      workdir,
+      tmp_path / "jax_cache",
+      *long_run,
+      "--config.log.every_steps=1",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    )
+    for i in range(2)
+  ]
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  procs = [
+    subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(2), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for cmd, log in zip(cmds, logs)
+  ]
+  try:
+    metrics_file, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (metrics_file.exists() and len(losses(workdir)) >= 2):
+      assert all(p.poll() is None for p in procs), "\n\n".join(tail(log) for log in logs)
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert codes == [0, 0], "\n\n".join(tail(log) for log in logs)
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+  for log in logs:
+    assert f"saved step {steps[0]} after SIGTERM" in log.read_text()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,16 +151,19 @@ def test_max_bad_steps_stops_with_checkpoint_intact(debug_config, tmp_path):
   assert max(steps) == 4, steps
 
 
-def test_corrupted_newest_checkpoint_falls_back(debug_config, tmp_path):
+def _corrupt(step_dir):
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_the_run_goes_on(debug_config, tmp_path):
   debug_config.train.num_steps = 4
   debug_config.checkpoint.every_steps = 2
   debug_config.eval.every_steps = 0
   task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
   train.run(debug_config, str(tmp_path), task_fn=task_fn)
-  state_dir = tmp_path / "checkpoints" / "4" / "state"
-  for f in state_dir.rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
+  _corrupt(tmp_path / "checkpoints" / "4")
   mesh = sharding.make_mesh(debug_config.mesh)
   with sharding.activate(mesh, sharding.rules(debug_config)):
     task = task_fn(debug_config, str(tmp_path), mesh)
@@ -167,6 +171,25 @@ def test_corrupted_newest_checkpoint_falls_back(debug_config, tmp_path):
     abstract, _ = train.state_shardings(task, tx, mesh, sharding.rules(debug_config), 0)
     restored = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), debug_config), abstract, None)
   assert restored is not None and restored[2] == 2 and int(restored[0].step) == 2
+  # The broken step was set aside, so the resumed run can write step 4 again.
+  assert (tmp_path / "checkpoints" / "4.unreadable" / "state").is_dir()
+  assert not (tmp_path / "checkpoints" / "4").exists()
+  assert train.run(debug_config, str(tmp_path), task_fn=task_fn)["step"] == 4
+  assert checkpoint.make_manager(str(tmp_path), debug_config).all_steps() == [2, 4]
+
+
+def test_run_refuses_when_no_checkpoint_restores(debug_config, tmp_path):
+  debug_config.train.num_steps = 2
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
+  train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  _corrupt(tmp_path / "checkpoints" / "2")
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  # Starting again from step 0 would silently drop the run's progress.
+  with pytest.raises(UserError, match="no checkpoint in .* restores into this run"):
+    train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
 def test_resume_onto_another_mesh(debug_config, tmp_path):
@@ -217,11 +240,18 @@ def test_lr_schedule_shape(debug_config):
   assert abs(float(s(60)) - 0.55) < 1e-6 and abs(float(s(110)) - 0.1) < 1e-6
 
 
-def test_weight_decay_only_on_matrices(debug_config):
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_only_on_matmul_weights(debug_config, scan):
+  debug_config.model.scan_layers = scan
   params = model.init_params(debug_config.model, jax.random.key(0))
   mask = optim.decay_mask(params)
-  assert mask["wte"] and mask["block_0"]["attn"]["c_attn"]["kernel"]
-  assert not mask["block_0"]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["ln"]["scale"]
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  decayed = sorted(k for k, m in flat.items() if m)
+  assert decayed and all(k.endswith("['kernel']") or k == "['wte']" for k in decayed), decayed
+  assert "['wte']" in decayed and "['wpe']" not in decayed
+  # Every kernel (attention in/out, MLP in/out in each block) is decayed.
+  kernels = [k for k in flat if k.endswith("['kernel']")]
+  assert len(kernels) == (4 if scan else 4 * debug_config.model.num_layers) and set(kernels) <= set(decayed)
 
 
 # ------------------------------------------------------- end to end (subprocess)
@@ -259,20 +289,24 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_sigkill_resume_is_bit_identical(tmp_path):
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-  subprocess.run(_main_cmd(ref_dir), cwd=ROOT, env=_env(), check=True, capture_output=True)
+  steps = ["--config.train.num_steps=40"]  # Room to kill the run well before its end.
+  subprocess.run(_main_cmd(ref_dir, *steps), cwd=ROOT, env=_env(), check=True, capture_output=True)
   proc = subprocess.Popen(
-    _main_cmd(run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    _main_cmd(run_dir, *steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
   deadline = time.time() + 240
   while not os.path.isdir(os.path.join(run_dir, "checkpoints", "4")) and time.time() < deadline:
-    time.sleep(0.2)
+    time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = subprocess.run(_main_cmd(run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert proc.wait() == -signal.SIGKILL
+  killed_at = max(_metrics(run_dir))
+  assert killed_at < 40, "the run finished before it was killed: nothing was resumed"
+  done = subprocess.run(_main_cmd(run_dir, *steps), cwd=ROOT, env=_env(), capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "resumed from step" in done.stderr
+  resumed = int(re.search(r"resumed from step (\d+)", done.stderr).group(1))
+  assert 4 <= resumed <= killed_at and resumed % 4 == 0
   ref, run = _metrics(ref_dir), _metrics(run_dir)
-  assert [ref[s] for s in range(5, 9)] == [run[s] for s in range(5, 9)]
+  assert [ref[s] for s in range(resumed + 1, 41)] == [run[s] for s in range(resumed + 1, 41)]
   _, p_ref = checkpoint.load_params(ref_dir)
   _, p_run = checkpoint.load_params(run_dir)
   jax.tree.map(np.testing.assert_array_equal, p_ref, p_run)
