@@ -74,9 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.paths = ""  # Comma-separated globs for source="files".
   d.text_field = "text"  # Field read from jsonl files and TFDS records.
   d.tfds_name = ""  # e.g. "lm1b" or "c4/en:3.1.0".
+  # Where data.tfds_name is prepared: "" = TFDS's own default ($TFDS_DATA_DIR
+  # or ~/tensorflow_datasets), so a corpus is prepared once, not per workdir.
+  d.tfds_data_dir = ""
   d.train_split = "train"
   d.eval_split = ""  # TFDS split for validation; "" = hold out val_fraction.
-  # Where TFDS builders and tokenised caches live; "" = <workdir>/data.
+  # Where imported local files (data.paths) and tokenised caches live;
+  # "" = <workdir>/data.
   d.data_dir = ""
   # Fraction of documents held out for validation when there is no eval split.
   d.val_fraction = 0.05

@@ -235,7 +235,9 @@ def _tfds_split(data_cfg, split: str, data_dir: str) -> _TextRecords:
 
   name = data_cfg.tfds_name
   try:
-    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    builder = tfds.builder(
+      name, data_dir=str(Path(data_dir).expanduser()) if data_dir else None, file_format="array_record"
+    )
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"data.tfds_name={name!r}: no such TFDS dataset") from None
   except ValueError as e:
@@ -265,7 +267,7 @@ def _raw_split(data_cfg, split: str, data_dir: str):
   if data_cfg.source == "files":
     return _files_split(data_cfg, data_dir)
   if data_cfg.source == "tfds":
-    return _tfds_split(data_cfg, split, data_dir)
+    return _tfds_split(data_cfg, split, data_cfg.get("tfds_data_dir", ""))
   raise UserError(f"config.data.source={data_cfg.source!r} is not one of 'shakespeare', 'files', 'tfds'")
 
 

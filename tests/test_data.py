@@ -341,6 +341,7 @@ def test_tfds_source_by_name(debug_config, tmp_path):
   debug_config.data.update(
     source="tfds",
     tfds_name="gpt_jax_test_corpus",
+    tfds_data_dir=data_dir,  # Prepared here, not in the workdir's data_dir.
     text_field="body",
     eval_split="validation",
     max_documents=0,
