@@ -35,6 +35,21 @@ def _abs(path: str) -> epath.Path:
   return epath.Path(p if "://" in p else os.path.abspath(p))
 
 
+def run_dir(workdir: str, flag: str = "--workdir") -> str:
+  """A run directory as an absolute filesystem path; a URL (gs://...) is refused.
+
+  Besides Orbax's checkpoints, a run writes its tokenizer, token cache,
+  metrics and config with ordinary file I/O, which every process must see:
+  a bucket is used mounted (gcsfuse; launch/tpu_pod.sh mounts it).
+  """
+  if "://" in str(workdir):
+    raise UserError(
+      f"{flag}={workdir}: give a filesystem path that every process sees, not a URL; mount the bucket "
+      "(e.g. gcsfuse BUCKET /gcs/BUCKET, as launch/tpu_pod.sh does) and pass the mounted path"
+    )
+  return os.path.abspath(os.path.expanduser(str(workdir)))
+
+
 def load_config_file(path) -> ml_collections.ConfigDict:
   path = _abs(path)
   try:
@@ -246,7 +261,7 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
 
   if (workdir is None) == (hf_dir is None):
     raise UserError("give exactly one of --workdir or --hf_dir")
-  path = workdir or hf_dir
+  path = run_dir(workdir) if workdir is not None else run_dir(hf_dir, "--hf_dir")
   if hf_dir is not None and not is_hf_dir(hf_dir):
     raise UserError(f"--hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
   config, params = load_params(path)

@@ -331,7 +331,7 @@ def run(config, workdir: str) -> dict:
   optim.warmup_steps from finetune.warmup_fraction, then calls train.run.
   Returns its final metrics plus the best validation record ("best/...").
   """
-  workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+  workdir = checkpoint.run_dir(workdir)
   fc = config.finetune
   with config.unlocked():
     if config.init_from:

@@ -1,7 +1,7 @@
 """Training entry point: flags -> config -> train.run(config, workdir).
 
   python -m gpt_jax.main --config=configs/shakespeare.py --workdir=runs/shakespeare
-  python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=gs://bucket/run \
+  python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=/gcs/bucket/run \
       --config.train.batch_size=256 --config.mesh.fsdp=8
 
 Re-running the same command on a workdir with checkpoints resumes it.

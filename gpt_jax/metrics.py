@@ -82,8 +82,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
-    if not self.enabled or "://" in workdir:
-      self.enabled = self.enabled and "://" not in workdir
+    if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)

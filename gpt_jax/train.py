@@ -313,7 +313,7 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
   `task_fn(config, workdir, mesh) -> Task` builds what is trained; default:
   language-model pretraining (`pretrain_task`). Returns the final metrics.
   """
-  workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+  workdir = checkpoint.run_dir(workdir)
   metrics.quiet_library_logs()
   prepare_workdir(config, workdir)
   enable_compilation_cache(config, workdir)

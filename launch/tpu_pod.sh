@@ -25,10 +25,11 @@
 #   --logs                    only stream worker 0's log of a running job (tail -f)
 #   --delete                  delete the slice (and queued resource) at the end, or alone: just delete
 #   --dry-run                 print the commands, run nothing
-# The workdir must be a gs:// path (workers share no disk); checkpoints go there.
+# The workdir must be a gs:// path (workers share no disk): every worker mounts
+# the bucket with gcsfuse at /tmp/gcs/BUCKET and trains in the mounted path.
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name="" zone="" project="" accel="v5litepod-8" version="" capacity="" queued=0 valid_until=""
 jax_version="" remote_dir="gpt_jax" skip_install=0 preflight=0 logs_only=0 delete=0 dry_run=0
@@ -86,7 +87,16 @@ done
 run_job=$(( ${#main_args[@]} > 0 ))
 if ((run_job)); then
   [[ -n "$config" ]] || die "give --config=... after --"
-  [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// path: the workers share no disk (got '${workdir}')"
+  [[ "$workdir" == gs://?* ]] || die "--workdir must be a gs:// path: the workers share no disk (got '${workdir}')"
+  # gpt_jax writes its run directory with ordinary file I/O: train in the bucket mounted by gcsfuse.
+  bucket="${workdir#gs://}"
+  bucket="${bucket%%/*}"
+  mount_dir="/tmp/gcs/$bucket"
+  rel="${workdir#gs://"$bucket"}"
+  rel="${rel#/}"
+  for i in "${!main_args[@]}"; do
+    [[ "${main_args[$i]}" == --workdir=* ]] && main_args[i]="--workdir=$mount_dir${rel:+/$rel}"
+  done
 elif ((!delete && !logs_only)); then
   die "nothing to do: give training flags after --, or --logs, or --delete"
 fi
@@ -178,7 +188,7 @@ if ((!exists)); then
   fi
 fi
 
-# 3. This checkout (tracked files, as they are now) and its requirements on every worker.
+# 3. This checkout (its files as they are now, untracked ones too unless ignored) and its requirements on every worker.
 if ((!skip_install)); then
   repo=$(cd "$(dirname "$0")/.." && pwd)
   bundle="${TMPDIR:-/tmp}/gpt_jax-$name.tgz"
@@ -190,12 +200,17 @@ if ((!skip_install)); then
     fi
   fi
   if ((dry_run)); then
-    echo "(cd $(quote "$repo") && git ls-files -z | tar --null -T - -czf $(quote "$bundle"))"
+    echo "(cd $(quote "$repo") && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $(quote "$bundle"))"
   else
-    (cd "$repo" && git ls-files -z | tar --null -T - -czf "$bundle")
+    (cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf "$bundle")
   fi
   run "${gcloud_tpu[@]}" tpu-vm scp "$bundle" "$name:gpt_jax.tgz" "${where[@]}" --worker=all
   remote "mkdir -p ~/$remote_dir && tar xzf ~/gpt_jax.tgz -C ~/$remote_dir && cd ~/$remote_dir && python3 -m pip install -q -r requirements.txt \"jax[tpu]==$jax_version\""
+  # gcsfuse from Google's apt repository, unless the image has it.
+  remote "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
+fi
+if ((run_job)); then
+  remote "mkdir -p $mount_dir && { mountpoint -q $mount_dir || gcsfuse --implicit-dirs $bucket $mount_dir; }"
 fi
 
 # 4. The same command on every worker; gcloud streams their output (only
@@ -203,7 +218,7 @@ fi
 status=0
 remote "cd ~/$remote_dir && python3 -m gpt_jax.main $(quote "${main_args[@]}") 2>&1 | tee -a $log_file; exit \${PIPESTATUS[0]}" || status=$?
 
-# 5. Delete on request (also after a failure: the checkpoints are in the gs:// workdir).
+# 5. Delete on request (also after a failure: the checkpoints are in the bucket).
 if ((delete)); then
   delete_slice
 fi

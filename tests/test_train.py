@@ -328,3 +328,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert proc.returncode == 0, err[-2000:]
   steps = [int(p) for p in os.listdir(os.path.join(run_dir, "checkpoints")) if p.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_url_workdir_is_refused_before_anything_is_written(debug_config, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match="--workdir=gs://bucket/run: give a filesystem path .* gcsfuse"):
+    train.run(debug_config, "gs://bucket/run")
+  assert list(tmp_path.iterdir()) == []  # No ./gs:/bucket/run made by os.makedirs.
