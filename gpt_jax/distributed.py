@@ -6,9 +6,10 @@ is how the processes find each other, which `initialize` works out from:
   JAX_COORDINATOR_ADDRESS / GPT_JAX_NUM_PROCESSES / GPT_JAX_PROCESS_ID),
   e.g. `launch/local.sh` on 127.0.0.1 or any hand-rolled launcher;
 - SLURM (`srun`: SLURM_NTASKS > 1), one process per GPU or per node;
+- Open MPI (`mpirun`: OMPI_COMM_WORLD_SIZE > 1);
 - a Cloud TPU VM or GKE TPU pod (jax reads the worker list from the
-  metadata server or TPU_WORKER_HOSTNAMES);
-- Open MPI (`mpirun`: OMPI_COMM_WORLD_SIZE > 1).
+  metadata server or TPU_WORKER_HOSTNAMES).
+The first that applies, in this order, wins.
 Anything else is a single process and nothing is initialised. It must run
 before anything touches devices: `jax.devices()` fixes the device set.
 """

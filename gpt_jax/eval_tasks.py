@@ -64,7 +64,8 @@ def parse_spec(spec: str) -> TaskSpec:
     name = ":".join(parts)
     if not name:
       raise UserError(f"--task={spec!r}: missing TFDS dataset name after 'tfds:'")
-    return TaskSpec(kind, name.split("/")[0].split(":")[0], tfds_name=name, split=split)
+    # "glue/sst2:1.0.0" -> "glue_sst2": the configuration names the task.
+    return TaskSpec(kind, name.split(":")[0].replace("/", "_"), tfds_name=name, split=split)
   return TaskSpec(kind, Path(rest).stem, path=rest)
 
 
@@ -135,8 +136,12 @@ def load_jsonl(path: str, kind: str) -> list[dict]:
   if not p.is_file():
     raise UserError(f"{path}: no such file")
   items = []
-  with p.open(encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with p.open("rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line)") from None
       if not line.strip():
         continue
       try:
@@ -205,15 +210,71 @@ class TfdsTask:
   to_record: Callable[[dict], dict]  # TFDS features -> this module's schema.
 
 
-# LAMBADA has no training passages (its train split is raw novels): GPT-3 §3.1
-# draws its examples from held-out data, here the evaluation split itself
-# (never the item being evaluated).
+def _glue(template: str, fields: tuple[str, ...], choices: tuple[str, ...]):
+  """A GLUE task as multiple choice: a prompt built from its text fields, one
+  answer word per label (zero-shot scoring as in GPT-3 §3.7 for RTE)."""
+
+  def to_record(r: dict) -> dict:
+    context = template.format(*(_text(r[f]).strip() for f in fields))
+    return {"context": context, "choices": [" " + c for c in choices], "label": int(r["label"])}
+
+  return to_record
+
+
+# TFDS's lambada `train` split is the LAMBADA development set (its test split
+# the test set): GPT-3 §3.1 draws its few-shot examples from there. GLUE test
+# splits carry no labels, so GLUE is scored on validation.
 TFDS_TASKS = {
-  "lambada": TfdsTask("test", "test", _lambada),
+  "lambada": TfdsTask("test", "train", _lambada),
   "hellaswag": TfdsTask("validation", "train", _hellaswag),
   "piqa": TfdsTask("validation", "train", _piqa),
   "winogrande": TfdsTask("validation", "train_xl", _winogrande),
+  "glue/sst2": TfdsTask(
+    "validation",
+    "train",
+    _glue(
+      "{}\nQuestion: Is this sentence positive or negative?\nAnswer:", ("sentence",), ("negative", "positive")
+    ),
+  ),
+  "glue/rte": TfdsTask(
+    "validation",
+    "train",
+    _glue("{}\nQuestion: {} True or False?\nAnswer:", ("sentence1", "sentence2"), ("True", "False")),
+  ),
+  "glue/mnli": TfdsTask(
+    "validation_matched",
+    "train",
+    _glue(
+      "{}\nQuestion: {} True, False or Neither?\nAnswer:",
+      ("premise", "hypothesis"),
+      ("True", "Neither", "False"),
+    ),
+  ),
+  "glue/qnli": TfdsTask(
+    "validation",
+    "train",
+    _glue(
+      "{}\n{}\nQuestion: Does this response answer the question?\nAnswer:",
+      ("question", "sentence"),
+      ("yes", "no"),
+    ),
+  ),
+  "glue/mrpc": TfdsTask(
+    "validation",
+    "train",
+    _glue(
+      "Sentence 1: {}\nSentence 2: {}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+      ("sentence1", "sentence2"),
+      ("no", "yes"),
+    ),
+  ),
 }
+
+
+def tfds_mapping(spec: TaskSpec) -> TfdsTask | None:
+  """The field map of a TFDS task: by "name/config" (GLUE), else by name."""
+  base = spec.tfds_name.split(":")[0]
+  return TFDS_TASKS.get(base) or TFDS_TASKS.get(base.split("/")[0])
 
 
 def _generic_record(r: dict) -> dict:
@@ -238,7 +299,7 @@ def load_tfds(spec: TaskSpec, split: str, data_dir: str = "") -> list[dict]:
   """
   import tensorflow_datasets as tfds
 
-  mapping = TFDS_TASKS.get(spec.name)
+  mapping = tfds_mapping(spec)
   to_record = mapping.to_record if mapping else _generic_record
   try:
     source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir or None, download=False)
@@ -262,12 +323,12 @@ def load_tfds(spec: TaskSpec, split: str, data_dir: str = "") -> list[dict]:
 
 
 def eval_split(spec: TaskSpec) -> str:
-  mapping = TFDS_TASKS.get(spec.name)
+  mapping = tfds_mapping(spec)
   return spec.split or (mapping.split if mapping else "test")
 
 
 def fewshot_split(spec: TaskSpec) -> str:
-  mapping = TFDS_TASKS.get(spec.name)
+  mapping = tfds_mapping(spec)
   return mapping.fewshot_split if mapping else "train"
 
 

@@ -136,15 +136,26 @@ def score_requests(
     raise UserError(f"batch_size={batch_size!r} must be a positive integer")
   block = model_cfg.block_size
   rows = []  # (tokens seen + predicted, number of continuation tokens) per request
+  truncated = 0
   for n, (context, continuation) in enumerate(requests):
     context, continuation = [int(t) for t in context], [int(t) for t in continuation]
     if not context:
       raise ValueError(f"request {n} has an empty context (start it with the EOT token)")
     if len(continuation) > block:
       raise UserError(
-        f"a continuation of {len(continuation)} tokens cannot be scored: model.block_size={block}"
+        f"{desc + ': ' if desc else ''}request {n}: a continuation of {len(continuation)} tokens "
+        f"cannot be scored: model.block_size={block}"
       )
+    truncated += len(context) + len(continuation) > block + 1
     rows.append(((context + continuation)[-(block + 1) :], len(continuation)))
+  if truncated:
+    logging.warning(
+      "%s%d of %d contexts were cut from the left to fit model.block_size=%d",
+      f"{desc}: " if desc else "",
+      truncated,
+      len(requests),
+      block,
+    )
 
   scores: list[Score | None] = [Score(0.0, 0, True) if not c else None for _, c in rows]
   todo = sorted((i for i, s in enumerate(scores) if s is None), key=lambda i: (-len(rows[i][0]), i))
@@ -343,12 +354,10 @@ def _run_multiple_choice(job: _Job, items, shots_for) -> tuple[dict, list[dict]]
   _warn_dropped(job.name, dropped)
   uncond = []
   if job.opts.unconditional_norm:
-    # GPT-3 §2.4: P(completion | context) / P(completion | "Answer:").
-    uncond = [
-      eval_tasks.encode_pair(job.tok, job.opts.uncond_prompt, x)
-      for item in items
-      for x in item["continuations"]
-    ]
+    # GPT-3 §2.4: P(completion | context) / P(completion | "Answer:"), the
+    # same completion string in both (the context's trailing whitespace moved in).
+    prompt = job.opts.uncond_prompt.rstrip()
+    uncond = [eval_tasks.encode_pair(job.tok, prompt, x) for cont in conts for x in cont]
   scores = job.score(requests + uncond)
   cond_scores, uncond_scores = scores[: len(requests)], scores[len(requests) :]
   correct = {"acc": [], "acc_norm": [], "acc_per_token": []}
@@ -363,13 +372,14 @@ def _run_multiple_choice(job: _Job, items, shots_for) -> tuple[dict, list[dict]]
     # acc_norm divides by the continuation's UTF-8 bytes (tokenizer-independent
     # length); acc_per_token by its token count (GPT-3 §2.4).
     preds = {"acc": ll, "acc_norm": ll / nbytes, "acc_per_token": ll / ntok}
+    sample = {"loglikelihoods": ll.tolist(), "num_tokens": ntok.astype(int).tolist(), "label": item["label"]}
     if uncond:
-      preds["acc_uncond"] = ll - np.array([s.logprob for s in uncond_scores[k : k + c]])
+      ll_uncond = np.array([s.logprob for s in uncond_scores[k : k + c]])
+      preds["acc_uncond"] = ll - ll_uncond
+      sample["uncond_loglikelihoods"] = ll_uncond.tolist()
     for name, v in preds.items():
       correct[name].append(float(int(np.argmax(v)) == item["label"]))
-    samples.append(
-      {"loglikelihoods": ll.tolist(), "num_tokens": ntok.astype(int).tolist(), "label": item["label"]}
-    )
+    samples.append(sample)
     k += c
   m = {}
   for name, v in correct.items():
@@ -488,14 +498,27 @@ def _load(spec: eval_tasks.TaskSpec, opts: Options):
   return items, items, True
 
 
-def run_task(model_cfg, params, tokenizer, spec, options: Options | None = None) -> TaskResult:
-  """One task (a spec string or TaskSpec): metrics with standard errors, and per-item samples."""
+def check_options(opts: Options) -> None:
+  """The model-independent checks, so that a bad option fails before any loading."""
+  for name in ("num_fewshot", "stride", "limit"):
+    if getattr(opts, name) < 0:
+      raise UserError(f"--{name}={getattr(opts, name)} must be >= 0")
+  if opts.max_gen_tokens < 1:
+    raise UserError(f"--max_gen_tokens={opts.max_gen_tokens} must be >= 1")
+  if opts.batch_size <= 0:
+    raise UserError(f"--batch_size={opts.batch_size} must be > 0")
+
+
+def run_task(model_cfg, params, tokenizer, spec, options: Options | None = None, loaded=None) -> TaskResult:
+  """One task (a spec string or TaskSpec): metrics with standard errors, and per-item samples.
+
+  `loaded`: the task's (items, few-shot pool, pool is the items) from `_load`, if read already.
+  """
   opts = options or Options()
   if isinstance(spec, str):
     spec = eval_tasks.parse_spec(spec)
-  if opts.num_fewshot < 0:
-    raise UserError(f"--num_fewshot={opts.num_fewshot} must be >= 0")
-  items, pool, pool_is_items = _load(spec, opts)
+  check_options(opts)
+  items, pool, pool_is_items = loaded or _load(spec, opts)
   if spec.kind == "perplexity" and opts.num_fewshot > 0:
     logging.warning("%s: perplexity tasks take no few-shot examples; ignoring --num_fewshot", spec.name)
 
@@ -525,9 +548,16 @@ def _unique_names(specs: list[eval_tasks.TaskSpec]) -> list[str]:
 def evaluate_specs(
   model_cfg, params, tokenizer, task_specs: Sequence[str], options: Options
 ) -> list[TaskResult]:
+  loaded = load_specs(task_specs, options)
+  return [run_task(model_cfg, params, tokenizer, s, options, data) for s, data in loaded]
+
+
+def load_specs(task_specs: Sequence[str], options: Options) -> list:
+  """[(TaskSpec with a unique name, its loaded data)]: every task is read and checked before any runs."""
+  check_options(options)
   specs = [eval_tasks.parse_spec(s) for s in task_specs]
   specs = [dataclasses.replace(s, name=n) for s, n in zip(specs, _unique_names(specs))]
-  return [run_task(model_cfg, params, tokenizer, s, options) for s in specs]
+  return [(s, _load(s, options)) for s in specs]
 
 
 def run_tasks(
@@ -601,12 +631,11 @@ def main(argv) -> None:
     tfds_data_dir=f.tfds_data_dir,
     progress=True,
   )
-  if f.batch_size <= 0:
-    raise UserError(f"--batch_size={f.batch_size} must be > 0")
+  loaded = load_specs(f.task, opts)  # Bad task files and options fail here, before the model loads.
   from gpt_jax import checkpoint
 
   model_cfg, params, tok = checkpoint.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir)
-  results = evaluate_specs(model_cfg, params, tok, f.task, opts)
+  results = [run_task(model_cfg, params, tok, s, opts, data) for s, data in loaded]
   table = {r.name: r.metrics for r in results}
   print(eval_tasks.format_table(table), flush=True)
   if f.output:

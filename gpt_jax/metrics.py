@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-# Peak dense bf16 FLOP/s per chip (vendor figures; REFERENCE.md).
+# Peak dense bf16 FLOP/s per chip (vendor figures; ../shared/REFERENCE.md).
 PEAK_FLOPS_BY_KIND = {
   "h100": 989e12,
   "h200": 989e12,
@@ -21,6 +21,8 @@ PEAK_FLOPS_BY_KIND = {
   "tpu v5e": 197e12,
   "tpu v5p": 459e12,
   "tpu v5": 459e12,
+  "tpu v6 lite": 918e12,  # Trillium (v6e).
+  "tpu v6e": 918e12,
 }
 
 

@@ -51,7 +51,7 @@ GiB = 1024**3
 RUNGS = ("gpt1", "gpt2_small", "gpt3_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
 REMATS = ("none", "dots_saveable", "full")  # Least to most recompute.
 
-# TPU generations: HBM per chip, bf16 peak FLOP/s per chip (REFERENCE.md; v6e:
+# TPU generations: HBM per chip, bf16 peak FLOP/s per chip (../shared/REFERENCE.md; v6e:
 # Cloud TPU v6e documentation), and whether accelerator-type names count
 # TensorCores (2 per chip: v4-32 is 16 chips) or chips (v5litepod-16).
 TPU_CHIPS = {
@@ -74,7 +74,7 @@ _SHAPES_3D = {
   512: "8x8x8",
 }
 
-# GPUs: total memory as nvidia-smi reports it, bf16 dense peak (REFERENCE.md;
+# GPUs: total memory as nvidia-smi reports it, bf16 dense peak (../shared/REFERENCE.md;
 # H200 shares H100's SXM compute), and the hardware facts XLA's GPU compiler
 # reads from a target description (CUDA deviceQuery).
 GPU_SPECS = {

@@ -224,7 +224,9 @@ def test_multiple_choice_matches_transformers(tmp_path, tok, hf_dir, ours):
     ll = np.array([ref(c, x) for c, x in zip(contexts, conts)])
     np.testing.assert_allclose(sample["loglikelihoods"], ll, atol=PARITY_TOL)
     moved = [c[len(c.rstrip()) :] + x for c, x in zip(contexts, conts)]
-    uncond = np.array([ref("Answer:", x) for x in conts])
+    # The unconditional score is of the same completion string (whitespace moved in).
+    uncond = np.array([ref("Answer:", x) for x in moved])
+    np.testing.assert_allclose(sample["uncond_loglikelihoods"], uncond, atol=PARITY_TOL)
     for name, v in (
       ("acc", ll),
       ("acc_norm", ll / [len(x.encode()) for x in moved]),
@@ -388,12 +390,15 @@ def test_parse_spec():
   )
   assert p("last_word:tfds:lambada") == eval_tasks.TaskSpec("last_word", "lambada", tfds_name="lambada")
   s = p("perplexity:tfds:c4/en:3.1.0:validation")
-  assert (s.name, s.tfds_name, s.split) == ("c4", "c4/en:3.1.0", "validation")
+  assert (s.name, s.tfds_name, s.split) == ("c4_en", "c4/en:3.1.0", "validation")
+  s = p("multiple_choice:tfds:glue/rte")
+  assert (s.name, s.tfds_name, s.split) == ("glue_rte", "glue/rte", "")
   assert p("perplexity:tfds:c4/en:3.1.0").split == ""
   assert p("multiple_choice:tfds:hellaswag:train").split == "train"
 
 
 def test_tfds_field_maps():
+  p = eval_tasks.parse_spec
   hs = eval_tasks.TFDS_TASKS["hellaswag"].to_record(
     {
       "activity_label": b"Removing ice from car",
@@ -426,6 +431,26 @@ def test_tfds_field_maps():
     "label": 1,
   }
   assert eval_tasks.TFDS_TASKS["lambada"].to_record({"passage": b"a b c"}) == {"text": "a b c"}
+  # GPT-3 draws LAMBADA shots from the development set: TFDS's lambada "train".
+  assert (eval_tasks.TFDS_TASKS["lambada"].split, eval_tasks.TFDS_TASKS["lambada"].fewshot_split) == (
+    "test",
+    "train",
+  )
+  rte = eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/rte:1.0.0"))
+  assert rte.split == "validation" and rte.to_record(
+    {"sentence1": b"A man sleeps. ", "sentence2": b"Someone rests.", "label": np.int64(0), "idx": 3}
+  ) == {
+    "context": "A man sleeps.\nQuestion: Someone rests. True or False?\nAnswer:",
+    "choices": [" True", " False"],
+    "label": 0,
+  }
+  mnli = eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/mnli"))
+  assert mnli.split == "validation_matched"
+  assert mnli.to_record({"premise": b"p", "hypothesis": b"h", "label": 2})["choices"][2] == " False"
+  assert eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/sst2")).to_record(
+    {"sentence": b"great fun", "label": 1}
+  )["choices"] == [" negative", " positive"]
+  assert eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/cola")) is None  # Unmapped: our field names.
   for name, kind in (
     ("hellaswag", "multiple_choice"),
     ("winogrande", "multiple_choice"),
@@ -509,9 +534,15 @@ def test_local_tfds_dataset(tmp_path, tok, ours):
     ("last_word", '{"text": "  "}\n', r":1: field 'text' has no word"),
     ("perplexity", '["text"]\n', r":1: expected a JSON object"),
     ("perplexity", "", r"x.jsonl: no items"),
+    ("perplexity", None, r"x.jsonl:2: not UTF-8 \(byte 14 of the line\)"),
   ],
 )
 def test_bad_task_files(tmp_path, kind, content, message):
+  if content is None:  # Bytes that are not UTF-8 on line 2.
+    (tmp_path / "x.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(config_lib.UserError, match=message):
+      eval_tasks.load_jsonl(str(tmp_path / "x.jsonl"), kind)
+    return
   path = tmp_path / "x.jsonl"
   path.write_text(content)
   with pytest.raises(config_lib.UserError, match=message):
@@ -537,6 +568,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
   out = _cli("--hf_dir=/nope", f"--task=multiple_choice:{tmp_path}/missing.jsonl")
   assert out.returncode == 2 and out.stderr.strip() == f"error: {tmp_path}/missing.jsonl: no such file"
   task = _write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}])
+  # Every task file and option is checked before anything is evaluated or loaded.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n{"text": \n')
+  out = _cli("--hf_dir=/nope", f"--task=perplexity:{task}", f"--task=perplexity:{bad}")
+  assert out.returncode == 2 and out.stderr.strip().startswith(f"error: {bad}:2: malformed JSON"), out.stderr
+  out = _cli("--hf_dir=/nope", f"--task=perplexity:{task}", "--stride=-1")
+  assert out.returncode == 2 and out.stderr.strip() == "error: --stride=-1 must be >= 0", out.stderr
   out = _cli("--hf_dir=/nope", f"--task=perplexity:{task}", f"--output={tmp_path}/no/r.json")
   assert (
     out.returncode == 2
