@@ -242,6 +242,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _positive_int(config, "checkpoint.every_steps", "checkpoint.keep")
   _non_negative(config, "eval.every_steps", "eval.num_batches", "eval.batch_size")
+  _validate_eval_tasks(config)
+  _non_negative(config, "sample.num_samples", "sample.top_k")
+  if config.sample.num_samples and not 0 < config.sample.max_new_tokens < config.model.block_size:
+    _fail(
+      "sample.max_new_tokens",
+      config.sample.max_new_tokens,
+      f"must be in [1, model.block_size={config.model.block_size}) when sample.num_samples > 0",
+    )
   _positive_int(config, "log.every_steps")
   _non_negative(config, "log.peak_flops", "log.profile_steps")
 
@@ -263,6 +271,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 FINETUNE_TASKS = ("classification", "entailment", "similarity", "multiple_choice", "dialogue")
+
+
+def _validate_eval_tasks(config) -> None:
+  """eval.tasks specs parse and their local files exist, so a run does not fail at its first evaluation."""
+  from pathlib import Path
+
+  from gpt_jax import eval_tasks
+
+  for spec in config.eval.tasks:
+    try:
+      parsed = eval_tasks.parse_spec(spec)
+    except UserError as e:
+      _fail("eval.tasks", spec, str(e))
+    if parsed.path and not Path(parsed.path).is_file():
+      _fail("eval.tasks", spec, f"no such file {parsed.path}")
 
 
 def _validate_finetune(config) -> None:

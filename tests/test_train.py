@@ -151,19 +151,21 @@ def test_max_bad_steps_stops_with_checkpoint_intact(debug_config, tmp_path):
   assert max(steps) == 4, steps
 
 
-def _corrupt(step_dir):
-  for f in (step_dir / "state").rglob("*"):
+def _train_then_corrupt(config, workdir, num_steps, step):
+  """Trains num_steps with a checkpoint every 2 steps, then garbles the state of checkpoint `step`."""
+  config.train.num_steps = num_steps
+  config.checkpoint.every_steps = 2
+  config.eval.every_steps = 0
+  task_fn = _fake_task(_tokens(config, rows=32), 8)
+  train.run(config, str(workdir), task_fn=task_fn)
+  for f in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
+  return task_fn
 
 
 def test_corrupted_newest_checkpoint_falls_back_and_the_run_goes_on(debug_config, tmp_path):
-  debug_config.train.num_steps = 4
-  debug_config.checkpoint.every_steps = 2
-  debug_config.eval.every_steps = 0
-  task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
-  train.run(debug_config, str(tmp_path), task_fn=task_fn)
-  _corrupt(tmp_path / "checkpoints" / "4")
+  task_fn = _train_then_corrupt(debug_config, tmp_path, num_steps=4, step=4)
   mesh = sharding.make_mesh(debug_config.mesh)
   with sharding.activate(mesh, sharding.rules(debug_config)):
     task = task_fn(debug_config, str(tmp_path), mesh)
@@ -179,12 +181,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_the_run_goes_on(debug_config
 
 
 def test_run_refuses_when_no_checkpoint_restores(debug_config, tmp_path):
-  debug_config.train.num_steps = 2
-  debug_config.checkpoint.every_steps = 2
-  debug_config.eval.every_steps = 0
-  task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
-  train.run(debug_config, str(tmp_path), task_fn=task_fn)
-  _corrupt(tmp_path / "checkpoints" / "2")
+  task_fn = _train_then_corrupt(debug_config, tmp_path, num_steps=2, step=2)
   before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   # Starting again from step 0 would silently drop the run's progress.
   with pytest.raises(UserError, match="no checkpoint in .* restores into this run"):
@@ -335,3 +332,41 @@ def test_url_workdir_is_refused_before_anything_is_written(debug_config, tmp_pat
   with pytest.raises(UserError, match="--workdir=gs://bucket/run: give a filesystem path .* gcsfuse"):
     train.run(debug_config, "gs://bucket/run")
   assert list(tmp_path.iterdir()) == []  # No ./gs:/bucket/run made by os.makedirs.
+
+
+def test_pretraining_runs_eval_tasks_and_prints_baseline_and_samples(debug_config, tmp_path, capsys):
+  task_file = tmp_path / "mc.jsonl"
+  rows = [{"context": "to be or not", "choices": [" to be", " xq zw"], "label": 0}] * 3
+  task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  debug_config.data.max_documents = 6
+  debug_config.train.update(num_steps=4, compilation_cache_dir="none")
+  debug_config.eval.update(every_steps=2, tasks=(f"multiple_choice:{task_file}",))
+  debug_config.sample.update(num_samples=2, prompt="ROMEO:", max_new_tokens=5)
+  final = train.run(debug_config, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if "mc/acc" in r]
+  assert [r["step"] for r in evals] == [2, 4] and final["mc/acc"] in (0.0, 1.0)
+  assert all(
+    0 < r["eval_loss"] and r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"])) for r in evals
+  )
+  logged = [r for r in rows if "loss" in r]
+  for key in ("lr", "grad_norm", "tokens_per_sec", "mfu", "data_wait_fraction", "skipped_steps"):
+    assert all(key in r for r in logged), key
+  out = capsys.readouterr().out
+  assert "unigram baseline (validation): " in out
+  assert out.count("--- sample ") == 2 and "--- sample 2 ---\nROMEO:" in out
+
+
+def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config):
+  from gpt_jax import config as config_lib
+
+  debug_config.eval.tasks = ("multiple_choice:/no/such/file.jsonl",)
+  with pytest.raises(ConfigError, match="config.eval.tasks=.*no such file /no/such/file.jsonl"):
+    config_lib.validate(debug_config)
+  debug_config.eval.tasks = ("ranking:x.jsonl",)
+  with pytest.raises(ConfigError, match="unknown task kind 'ranking'"):
+    config_lib.validate(debug_config)
+  debug_config.eval.tasks = ()
+  debug_config.sample.max_new_tokens = debug_config.model.block_size
+  with pytest.raises(ConfigError, match="config.sample.max_new_tokens=32 is invalid"):
+    config_lib.validate(debug_config)
