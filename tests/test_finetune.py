@@ -456,6 +456,7 @@ def test_classification_reaches_90_percent_and_predicts_from_best(pretrained):
   )
   evals = val_records(workdir)
   assert [r["step"] for r in evals] == [50, 100, 150, 200]  # One evaluation per epoch.
+  report("keyword classification (λ=0.5)", evals)
   assert final["best/accuracy"] >= 0.9, evals
   assert final["best/accuracy"] == max(r["val/accuracy"] for r in evals)
   assert "val/f1" in final and "lm_loss" in final
@@ -476,6 +477,12 @@ def test_classification_reaches_90_percent_and_predicts_from_best(pretrained):
   assert all(abs(sum(p["probs"]) - 1) < 1e-4 for p in preds)
 
 
+def report(task, evals):
+  """The figures of a generated task (shown with pytest -s)."""
+  curve = ", ".join(f"{r['step']}: {r['val/accuracy']:.3f}" for r in evals)
+  print(f"\n[{task}] validation accuracy by step: {curve}")
+
+
 # Token matching (entailment, multiple choice) is learnt only without the auxiliary LM term here
 # (λ = 0: with λ = 0.5 the task loss stays at chance for 600+ steps; GPT-1 §5 too finds that
 # small datasets do not benefit from it), with a 10% warmup (a 1-step warmup stalls some seeds
@@ -489,6 +496,7 @@ def test_entailment_reaches_90_percent(pretrained):
   final, workdir = finetune_run(
     pretrained, "entail", "entailment", train_rows, eval_rows, epochs=5.0, **MATCHING
   )
+  report("entailment (λ=0)", val_records(workdir))
   assert final["best/accuracy"] >= 0.9, val_records(workdir)
 
 
@@ -498,6 +506,7 @@ def test_multiple_choice_reaches_90_percent(pretrained):
   final, workdir = finetune_run(
     pretrained, "choice", "multiple_choice", train_rows, eval_rows, epochs=12.0, **MATCHING
   )
+  report("multiple choice (λ=0)", val_records(workdir))
   assert final["best/accuracy"] >= 0.9, val_records(workdir)
   rows, summary = finetune.predict(str(workdir), str(pretrained / "choice_eval.jsonl"))
   assert len(rows) == 200 and len(rows[0]["probs"]) == 3

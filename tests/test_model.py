@@ -162,7 +162,7 @@ def _input_jacobian_norms(m, params, tokens_BT):
   return np.abs(np.asarray(jac_TPD)).sum(-1)
 
 
-def test_causality_and_local_window_by_gradients(debug_config):
+def test_causality_by_gradients_dense_and_local_window(debug_config):
   # One local layer: position t sees exactly t - window < s <= t (itself included), nothing later.
   m = _cfg(debug_config, attention_pattern=("local",), num_layers=1)
   T, window = m.block_size, m.local_window
@@ -171,6 +171,10 @@ def test_causality_and_local_window_by_gradients(debug_config):
   norms_TS = _input_jacobian_norms(m, _random_params(m), _tokens(m))
   assert np.all(norms_TS[~expected] == 0.0)
   assert np.all(norms_TS[expected] > 0.0)
+  # Dense layers (the debug model's 2): every earlier position matters, no later one.
+  m = _cfg(debug_config, attention_pattern=("dense",))
+  norms_TS = _input_jacobian_norms(m, _random_params(m), _tokens(m))
+  assert np.all(norms_TS[s > t] == 0.0) and np.all(norms_TS[s <= t] > 0.0)
 
 
 @pytest.mark.parametrize("pattern", [("dense",), ("dense", "local")])
@@ -386,3 +390,20 @@ def test_kv_cache_decode_matches_full_forward(debug_config, changes):
   np.testing.assert_allclose(decoded_BSV[0], full_BSV[0], rtol=1e-5, atol=1e-5)
   # Row 1's slot j holds its position j - pad; a causal model ignores the unused tail of seq_BS[1].
   np.testing.assert_allclose(decoded_BSV[1, pad:], full_BSV[1, : S - pad], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "changes", [{}, {"scan_layers": True}, {"norm_position": "post"}, {"remat": "full", "scan_layers": True}]
+)
+def test_every_parameter_carries_logical_axis_names(debug_config, changes):
+  m = _cfg(debug_config, **changes)
+  boxed = model.abstract_params(m)
+  leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  known = {name for name, _ in debug_config.mesh.rules}  # Every name has a sharding rule.
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.LogicallyPartitioned), where
+    assert len(leaf.names) == leaf.value.ndim and all(n is not None for n in leaf.names), (where, leaf.names)
+  names = {n for _, leaf in leaves for n in leaf.names}
+  assert names <= known, names - known
+  assert ("layers" in names) == bool(m.scan_layers)
