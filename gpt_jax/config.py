@@ -244,12 +244,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _non_negative(config, "eval.every_steps", "eval.num_batches", "eval.batch_size")
   _validate_eval_tasks(config)
   _non_negative(config, "sample.num_samples", "sample.top_k")
-  if config.sample.num_samples and not 0 < config.sample.max_new_tokens < config.model.block_size:
-    _fail(
-      "sample.max_new_tokens",
-      config.sample.max_new_tokens,
-      f"must be in [1, model.block_size={config.model.block_size}) when sample.num_samples > 0",
-    )
   _positive_int(config, "log.every_steps")
   _non_negative(config, "log.peak_flops", "log.profile_steps")
 
@@ -271,6 +265,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 FINETUNE_TASKS = ("classification", "entailment", "similarity", "multiple_choice", "dialogue")
+
+
+def check_end_samples(config) -> None:
+  """The samples pretraining prints at its end fit the model (checked when the run starts)."""
+  if config.sample.num_samples and not 0 < config.sample.max_new_tokens < config.model.block_size:
+    _fail(
+      "sample.max_new_tokens",
+      config.sample.max_new_tokens,
+      f"must be in [1, model.block_size={config.model.block_size}) when sample.num_samples > 0",
+    )
 
 
 def _validate_eval_tasks(config) -> None:

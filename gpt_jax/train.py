@@ -506,10 +506,10 @@ def _loop(
 
       want_eval = config.eval.every_steps and done % config.eval.every_steps == 0
       if want_eval or done == tc.num_steps:
-        t_eval = time.perf_counter()
         if pending is not None:
           settle(pending)
           pending = None
+        t_eval = time.perf_counter()
         ev = evaluate_loss(eval_fn, state.params, task.eval_batches, mesh)
         if task.extra_eval is not None:
           ev.update(task.extra_eval(state.params))
@@ -553,6 +553,7 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
   from gpt_jax import data
   from gpt_jax import tokenizer as tokenizer_lib
 
+  config_lib.check_end_samples(config)
   tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
   pi, pc = jax.process_index(), jax.process_count()
   train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)

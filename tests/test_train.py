@@ -357,7 +357,7 @@ def test_pretraining_runs_eval_tasks_and_prints_baseline_and_samples(debug_confi
   assert out.count("--- sample ") == 2 and "--- sample 2 ---\nROMEO:" in out
 
 
-def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config):
+def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config, tmp_path):
   from gpt_jax import config as config_lib
 
   debug_config.eval.tasks = ("multiple_choice:/no/such/file.jsonl",)
@@ -369,4 +369,4 @@ def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config):
   debug_config.eval.tasks = ()
   debug_config.sample.max_new_tokens = debug_config.model.block_size
   with pytest.raises(ConfigError, match="config.sample.max_new_tokens=32 is invalid"):
-    config_lib.validate(debug_config)
+    train.pretrain_task(config_lib.validate(debug_config), str(tmp_path), None)
