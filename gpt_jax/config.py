@@ -267,8 +267,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 FINETUNE_TASKS = ("classification", "entailment", "similarity", "multiple_choice", "dialogue")
 
 
-def check_end_samples(config) -> None:
-  """The samples pretraining prints at its end fit the model (checked when the run starts)."""
+def check_run_inputs(config) -> None:
+  """When pretraining starts: eval.tasks files exist and the end-of-run samples fit the model."""
+  from pathlib import Path
+
+  from gpt_jax import eval_tasks
+
+  for spec in config.eval.tasks:
+    path = eval_tasks.parse_spec(spec).path
+    if path and not Path(path).is_file():
+      _fail("eval.tasks", spec, f"no such file {path}")
   if config.sample.num_samples and not 0 < config.sample.max_new_tokens < config.model.block_size:
     _fail(
       "sample.max_new_tokens",
@@ -278,18 +286,14 @@ def check_end_samples(config) -> None:
 
 
 def _validate_eval_tasks(config) -> None:
-  """eval.tasks specs parse and their local files exist, so a run does not fail at its first evaluation."""
-  from pathlib import Path
-
+  """eval.tasks specs parse (their files are checked when a run starts: check_run_inputs)."""
   from gpt_jax import eval_tasks
 
   for spec in config.eval.tasks:
     try:
-      parsed = eval_tasks.parse_spec(spec)
+      eval_tasks.parse_spec(spec)
     except UserError as e:
       _fail("eval.tasks", spec, str(e))
-    if parsed.path and not Path(parsed.path).is_file():
-      _fail("eval.tasks", spec, f"no such file {parsed.path}")
 
 
 def _validate_finetune(config) -> None:

@@ -553,7 +553,7 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
   from gpt_jax import data
   from gpt_jax import tokenizer as tokenizer_lib
 
-  config_lib.check_end_samples(config)
+  config_lib.check_run_inputs(config)
   tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
   pi, pc = jax.process_index(), jax.process_count()
   train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)

@@ -362,7 +362,7 @@ def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config, tmp_path
 
   debug_config.eval.tasks = ("multiple_choice:/no/such/file.jsonl",)
   with pytest.raises(ConfigError, match="config.eval.tasks=.*no such file /no/such/file.jsonl"):
-    config_lib.validate(debug_config)
+    train.pretrain_task(config_lib.validate(debug_config), str(tmp_path), None)
   debug_config.eval.tasks = ("ranking:x.jsonl",)
   with pytest.raises(ConfigError, match="unknown task kind 'ranking'"):
     config_lib.validate(debug_config)
