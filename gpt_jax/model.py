@@ -68,7 +68,11 @@ def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None):
 def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache for `max_len` slots (prompt + generated tokens).
 
-  `k`/`v`: [L, B, S, H, K] in the compute dtype; `end`: slots filled so far
+  `k`/`v`: per layer [B, H, S, K] in the compute dtype (head-major, so
+  decoding reads each layer's keys in place), stacked into one [L, B, H, S, K]
+  array for `scan_layers` models and a tuple of L arrays otherwise (each
+  layer's buffer is then updated in place, never sliced out and restacked);
+  `end`: slots filled so far
   (shared by the batch: ragged prompts are left-padded and their pad slots
   masked through `key_valid_BS`).
   """
@@ -76,8 +80,12 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
     raise ValueError(f"cache of {max_len} slots exceeds model.block_size={cfg.block_size}")
   dtype = dtype or DTYPES[cfg.dtype]
   head_dim = cfg.d_model // cfg.num_heads
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "end": jnp.zeros((), jnp.int32)}
+  shape = (batch_size, cfg.num_heads, max_len, head_dim)
+  if cfg.scan_layers:
+    k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in "kv")
+  else:
+    k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in "kv")
+  return {"k": k, "v": v, "end": jnp.zeros((), jnp.int32)}
 
 
 def _normal(std, axes):
@@ -129,6 +137,16 @@ class Projection(nn.Module):
     return y + bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
+def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
+  """Softmax attention, scores and softmax in float32; `k`/`v` layouts are named by the einsum specs."""
+  scale = 1.0 / np.sqrt(q_BTHK.shape[-1])
+  logits_BHTS = jnp.einsum(scores_spec, q_BTHK, k, preferred_element_type=jnp.float32) * scale
+  logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+  probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
+  probs_BHTS = nn.Dropout(dropout_rate)(probs_BHTS, deterministic=dropout_rate == 0.0)
+  return jnp.einsum(out_spec, probs_BHTS, v)
+
+
 class CausalSelfAttention(nn.Module):
   cfg: Any
   deterministic: bool
@@ -144,15 +162,26 @@ class CausalSelfAttention(nn.Module):
     q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", "kv"))
 
+    dropout_rate = 0.0 if self.deterministic else cfg.attn_dropout
     if kv is None:  # Training / full forward: keys are the queries' positions.
       k_BSHK, v_BSHK, new_kv = k_BTHK, v_BTHK, None
-    else:  # Decoding: write this chunk into the cache at slot `end`.
+    else:  # Decoding: write this chunk into the head-major cache at slot `end`.
       end = ctx["end"]
-      k_BSHK = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BTHK.astype(kv[0].dtype), end, 1)
-      v_BSHK = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BTHK.astype(kv[1].dtype), end, 1)
-      new_kv = (k_BSHK, v_BSHK)
+      to_cache = lambda x_BTHK, c: x_BTHK.astype(c.dtype).transpose(0, 2, 1, 3)
+      k_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[0], to_cache(k_BTHK, kv[0]), end, 2)
+      v_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[1], to_cache(v_BTHK, kv[1]), end, 2)
+      new_kv = (k_BHSK, v_BHSK)
+      if cfg.attention_impl == "xla":
+        # Scores straight from the [B, H, S, K] cache: a batched matmul over
+        # (B, H) that reads the cache in place. A [B, S, H, K] cache would be
+        # transposed (copied whole) at every decoding step.
+        out_BTHK = _attend(
+          q_BTHK, k_BHSK.astype(dtype), v_BHSK.astype(dtype), self._mask(ctx, window, k_BHSK.shape[2]),
+          "BTHK,BHSK->BHTS", "BHTS,BHSK->BTHK", dtype, dropout_rate,
+        )  # fmt: skip
+        return self._project(out_BTHK), new_kv
+      k_BSHK, v_BSHK = k_BHSK.transpose(0, 2, 1, 3), v_BHSK.transpose(0, 2, 1, 3)
 
-    dropout_rate = 0.0 if self.deterministic else cfg.attn_dropout
     full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
     if cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
@@ -163,21 +192,18 @@ class CausalSelfAttention(nn.Module):
         is_causal=full_causal,
       )
     else:
-      scale = 1.0 / np.sqrt(K)
-      logits_BHTS = (
-        jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK.astype(dtype), preferred_element_type=jnp.float32)
-        * scale
-      )
-      mask = self._mask(ctx, window, k_BSHK.shape[1])
-      logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
-      probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(dtype)
-      probs_BHTS = nn.Dropout(dropout_rate)(probs_BHTS, deterministic=dropout_rate == 0.0)
-      out_BTHK = jnp.einsum("BHTS,BSHK->BTHK", probs_BHTS, v_BSHK.astype(dtype))
+      out_BTHK = _attend(
+        q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), self._mask(ctx, window, k_BSHK.shape[1]),
+        "BTHK,BSHK->BHTS", "BHTS,BSHK->BTHK", dtype, dropout_rate,
+      )  # fmt: skip
+    return self._project(out_BTHK), new_kv
+
+  def _project(self, out_BTHK):
+    cfg = self.cfg
     out_BTHK = nn.with_logical_constraint(out_BTHK, ("batch", "length", "act_heads", "kv"))
-    out_BTD = Projection(
+    return Projection(
       cfg, (cfg.d_model,), ("heads", "kv", "embed"), residual_init_std(cfg), num_in=2, name="c_proj"
     )(out_BTHK)
-    return out_BTD, new_kv
 
   def _mask(self, ctx, window, num_keys):
     return attention_mask(ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"])
@@ -227,6 +253,23 @@ class Block(nn.Module):
       x_BTD = LayerNorm(cfg, name="ln_2")(x_BTD + drop(mlp(x_BTD)))
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
     return x_BTD, new_kv
+
+
+# Up to this many rows (decoding), XLA:CPU computes the head as [V, D] x [D, M].
+_CPU_FEW_ROWS = 64
+
+
+def _lm_head(x_BTD, wte_VD):
+  """Tied LM head (GPT-1/2): logits = h @ wte^T, accumulated in float32."""
+  B, T, D = x_BTD.shape
+  if B * T <= _CPU_FEW_ROWS and jax.default_backend() == "cpu":
+    # Measured on XLA:CPU for the 50k x 768 table: [M, D] x [D, V] with 2-32
+    # rows runs 1.5-2x slower than the transposed product [V, D] x [D, M]
+    # (which streams the table once); the barrier stops XLA from folding the
+    # final (small) transpose back into the matmul.
+    logits_VM = jnp.einsum("VD,MD->VM", wte_VD, x_BTD.reshape(B * T, D), preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(logits_VM).T.reshape(B, T, -1)
+  return jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
 
 
 class GPT(nn.Module):
@@ -302,14 +345,11 @@ class GPT(nn.Module):
         kv = None if kv_L is None else (kv_L[0][i], kv_L[1][i])
         x_BTD, layer_kv = block_cls(cfg, deterministic, window, name=f"block_{i}")(x_BTD, (None, kv), ctx)
         new_kv.append(layer_kv)
-      new_kv_L = None if cache is None else tuple(jnp.stack(t) for t in zip(*new_kv))
+      new_kv_L = None if cache is None else tuple(zip(*new_kv))
 
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    # Tied LM head (GPT-1/2): logits = h @ wte^T, accumulated in float32.
-    logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dtype), preferred_element_type=jnp.float32)[
-      ..., : cfg.vocab_size
-    ]
+    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype))[..., : cfg.vocab_size]
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
     out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
     if cache is None:

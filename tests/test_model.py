@@ -374,7 +374,7 @@ def test_kv_cache_decode_matches_full_forward(debug_config, changes):
     )
 
   cache = model.init_cache(m, 2, S)
-  assert cache["k"].shape == (2, 2, S, 4, 8)
+  assert [k.shape for k in cache["k"]] == [(2, 4, S, 8)] * 2  # L x [B, H, S, K]
   chunks, start = [], 0
   for length in [3, 3] + [1] * (S - 6):
     sl = slice(start, start + length)
