@@ -14,7 +14,9 @@ float32 matmul peak measured in the same run, and peak memory.
 clipping, AdamW) at the same shape, dtype, batch and thread count in the
 same process, in alternating rounds so both see the same machine load, and
 prints the ratio. `sample` times KV-cache decoding against transformers'
-`generate` (gpt_jax.sample.benchmark_generate). Everything printed is also
+`generate` (gpt_jax.sample.benchmark_generate), also as a fraction of the
+memory read bandwidth measured in the same run (decoding streams every
+weight once per step), with peak memory. Everything printed is also
 written as JSON with --json_out.
 """
 
@@ -283,13 +285,14 @@ def format_train(r: dict) -> str:
 
 
 def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1, 8), prompt_len=16,
-                 max_new_tokens=128, log=print) -> dict:  # fmt: skip
+                 max_new_tokens=128, rounds=3, log=print) -> dict:  # fmt: skip
   from gpt_jax import sample
 
   if compare not in ("", "hf_torch"):
     raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
   m = config.model
   log(f"sampling: {m.num_layers} x {m.d_model}, batches {list(batch_sizes)}, {max_new_tokens} new tokens")
+  load = round(os.getloadavg()[0], 2)
   figures = sample.benchmark_generate(
     num_layers=m.num_layers,
     d_model=m.d_model,
@@ -299,10 +302,14 @@ def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1,
     batch_sizes=tuple(batch_sizes),
     prompt_len=prompt_len,
     max_new_tokens=max_new_tokens,
+    repeats=rounds,
     reference=compare == "hf_torch",
     threads=threads or os.cpu_count(),
   )
-  return {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), **figures}
+  result = {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), "load_average_start": load, **figures}
+  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory()
+  result["load_average_end"] = round(os.getloadavg()[0], 2)
+  return result
 
 
 def format_sample(r: dict) -> str:
@@ -342,6 +349,7 @@ def main(argv):
       batch_sizes=[int(b) for b in F.batch_sizes],
       prompt_len=F.prompt_len,
       max_new_tokens=F.max_new_tokens,
+      rounds=F.rounds,
       log=log,
     )
     text = format_sample(result)
@@ -360,7 +368,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("compare", "", "'hf_torch': time transformers side by side and print the ratio.")
   flags.DEFINE_integer("steps", 12, "Timed steps (split over --rounds).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-  flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours / the reference.")
+  flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours / the reference (sample: timed calls each).")
   flags.DEFINE_integer("threads", 0, "torch threads (0 = all CPU cores, as XLA uses).")
   flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the first timed round here.")
   flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")

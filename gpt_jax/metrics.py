@@ -51,6 +51,20 @@ def measure_matmul_peak(size: int = 1024, reps: int = 5) -> float:
   return 2.0 * size**3 / best
 
 
+def measure_read_bandwidth(mib: int = 512, reps: int = 5) -> float:
+  """Bytes/s of a float32 sum over `mib` MiB on the default device: the rate
+  at which decoding can stream weights that no cache holds."""
+  x = jnp.ones((mib * 2**18,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return x.nbytes / best
+
+
 def peak_flops(configured: float) -> tuple[float, str]:
   """Peak FLOP/s of the whole job and where the number comes from."""
   devices = jax.devices()

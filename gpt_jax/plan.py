@@ -590,12 +590,17 @@ def apply_overrides(config, overrides: list[str]):
   import ast
 
   for item in overrides:
-    dotted, _, raw = item.removeprefix("--config.").partition("=")
+    dotted, eq, raw = item.removeprefix("--config.").partition("=")
+    if not eq:
+      raise UserError(f"{item}: give overrides as --config.FIELD=VALUE")
     *path, leaf = dotted.split(".")
     node = config
-    for p in path:
-      node = node[p]
-    old = node[leaf]
+    try:
+      for p in path:
+        node = node[p]
+      old = node[leaf]
+    except (KeyError, TypeError):
+      raise UserError(f"{item}: the config has no field {dotted!r}") from None
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -724,6 +729,30 @@ def format_ladder(rows: list[dict]) -> str:
 # ------------------------------------------------------------------- CLI
 
 
+# --ladder's --config.* overrides when no --config=FILE is given: absl knows
+# those flags only beside a config file, so they are taken out before parsing.
+_LADDER_OVERRIDES: list[str] = []
+
+
+def split_ladder_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv for absl, --config.* overrides) for `--ladder` without --config; else (argv, [])."""
+  has_config = any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv)
+  if "--ladder" not in argv or has_config:
+    return argv, []
+  return [a for a in argv if not a.startswith("--config.")], [a for a in argv if a.startswith("--config.")]
+
+
+def cpu_device_flags(argv: list[str], xla_flags: str) -> str:
+  """XLA_FLAGS with N fake CPU devices for --target=cpu:N (read when jax first
+  lists devices, which the CLI has not done yet), unless already given."""
+  targets = [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
+  targets += [b for a, b in zip(argv, argv[1:]) if a == "--target"]
+  match = re.fullmatch(r"cpu:(\d+)", targets[-1]) if targets else None
+  if not match or "xla_force_host_platform_device_count" in xla_flags:
+    return xla_flags
+  return f"{xla_flags} --xla_force_host_platform_device_count={match.group(1)}".strip()
+
+
 def main(argv) -> None:
   import sys
 
@@ -737,7 +766,7 @@ def main(argv) -> None:
   if F.ladder:
     if not F.target:
       raise UserError("--ladder needs --target")
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    overrides = _LADDER_OVERRIDES or [a for a in sys.argv[1:] if a.startswith("--config.")]
     configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     rows = ladder(parse_target(F.target), overrides, configs_dir, log=log)
     print(json.dumps(rows) if as_json else format_ladder(rows), flush=True)
@@ -793,4 +822,8 @@ if __name__ == "__main__":
   )
   flags.DEFINE_bool("check", False, "Exit with status 3 if it does not fit (launch/* --preflight).")
   flags.DEFINE_bool("cross_check", True, "Also count FLOPs with XLA's cost analysis of unrolled models.")
+  import sys
+
+  sys.argv, _LADDER_OVERRIDES = split_ladder_overrides(sys.argv)
+  os.environ["XLA_FLAGS"] = cpu_device_flags(sys.argv, os.environ.get("XLA_FLAGS", ""))
   config_lib.run(main)

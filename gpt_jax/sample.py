@@ -568,7 +568,7 @@ def benchmark_generate(
   batch_sizes=(1, 8),
   prompt_len: int = 16,
   max_new_tokens: int = 256,
-  repeats: int = 2,
+  repeats: int = 3,
   reference: bool = True,
   threads: int = 2,
   seed: int = 0,
@@ -578,14 +578,17 @@ def benchmark_generate(
   Both run the same random GPT-2-shaped weights (a GPT2LMHeadModel saved and
   imported with gpt_jax.convert.from_hf) from the same prompts and generate
   exactly max_new_tokens per row (no EOT), greedy and with top-k sampling
-  (temperature 0.8, k 40). Each figure is the best of `repeats` timed calls
-  after a warm-up (our first call, compilation included, is reported
-  apart); the prefill is included.
+  (temperature 0.8, k 40). After a warm-up (our first call, compilation
+  included, is reported apart) the two take turns for `repeats` timed calls
+  each, so both see the same machine load; figures are the median call, the
+  prefill included. Decoding reads every weight once per step, so each
+  figure is also given as a fraction of the memory read bandwidth measured
+  in the same run (`_bandwidth_pct`): how close it is to that limit.
   """
   import torch
   import transformers
 
-  from gpt_jax import convert
+  from gpt_jax import convert, metrics
 
   torch.manual_seed(seed)
   torch.set_num_threads(threads)
@@ -598,21 +601,32 @@ def benchmark_generate(
     cfg, params = convert.from_hf(tmp)
   hf_model.generation_config.update(eos_token_id=None, pad_token_id=0)
   rng = np.random.default_rng(seed)
+  # Bytes a decoding step reads: every weight but the position table (one row).
+  step_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
+  bandwidth = metrics.measure_read_bandwidth()
   figures = {
     "model": f"{num_layers}x{d_model}, vocab {vocab_size}",
     "prompt_len": prompt_len,
     "max_new_tokens": max_new_tokens,
     "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     "torch_threads": threads,
+    "repeats": repeats,
+    "weight_bytes_per_step": int(step_bytes),
+    "read_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
   }
 
-  def best_seconds(fn):
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      out = fn()
-      times.append(time.perf_counter() - t0)
-    return min(times), out
+  def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+  def record(prefix, seconds, B):
+    median = float(np.median(seconds))
+    figures[f"{prefix}_tokens_per_s"] = round(B * max_new_tokens / median, 1)
+    figures[f"{prefix}_ms_per_step"] = round(1e3 * median / max_new_tokens, 3)
+    figures[f"{prefix}_spread_pct"] = round(100 * (max(seconds) - min(seconds)) / median, 1)
+    figures[f"{prefix}_bandwidth_pct"] = round(100 * step_bytes * max_new_tokens / median / bandwidth, 2)
+    return median
 
   modes = {"greedy": dict(temperature=0.0), "topk": dict(temperature=0.8, top_k=40)}
   for B in batch_sizes:
@@ -620,17 +634,11 @@ def benchmark_generate(
     ids = torch.tensor(prompts)
     for name, kw in modes.items():
       ours = functools.partial(generate, cfg, params, prompts, max_new_tokens=max_new_tokens, **kw)
-      t0 = time.perf_counter()
-      ours()
-      figures[f"b{B}_{name}_first_call_s"] = round(time.perf_counter() - t0, 2)
-      seconds, our_tokens = best_seconds(ours)
-      figures[f"b{B}_{name}_tokens_per_s"] = round(B * max_new_tokens / seconds, 1)
-      logging.info("batch %d %s: %.1f tokens/s", B, name, B * max_new_tokens / seconds)
-      if not reference:
-        continue
-      hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, **kw)
-      with torch.inference_mode():
-        theirs = functools.partial(
+      figures[f"b{B}_{name}_first_call_s"] = round(timed(ours)[0], 2)
+      theirs = None
+      if reference:
+        hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, **kw)
+        generate_hf = functools.partial(
           hf_model.generate,
           ids,
           attention_mask=torch.ones_like(ids),
@@ -638,11 +646,26 @@ def benchmark_generate(
           min_new_tokens=max_new_tokens,
           **hf_kw,
         )
+
+        def theirs(generate_hf=generate_hf):
+          with torch.inference_mode():
+            return generate_hf()
+
         theirs()
-        hf_seconds, hf_tokens = best_seconds(theirs)
-      figures[f"b{B}_{name}_transformers_tokens_per_s"] = round(B * max_new_tokens / hf_seconds, 1)
-      figures[f"b{B}_{name}_speedup"] = round(hf_seconds / seconds, 2)
-      logging.info("batch %d %s: transformers %.1f tokens/s", B, name, B * max_new_tokens / hf_seconds)
+      ours_s, theirs_s = [], []
+      for _ in range(repeats):
+        seconds, our_tokens = timed(ours)
+        ours_s.append(seconds)
+        if theirs is not None:
+          seconds, hf_tokens = timed(theirs)
+          theirs_s.append(seconds)
+      median = record(f"b{B}_{name}", ours_s, B)
+      logging.info("batch %d %s: %.1f tokens/s", B, name, B * max_new_tokens / median)
+      if theirs is None:
+        continue
+      hf_median = record(f"b{B}_{name}_transformers", theirs_s, B)
+      figures[f"b{B}_{name}_speedup"] = round(hf_median / median, 2)
+      logging.info("batch %d %s: transformers %.1f tokens/s", B, name, B * max_new_tokens / hf_median)
       if name == "greedy":
         figures[f"b{B}_greedy_same_tokens"] = our_tokens == hf_tokens[:, prompt_len:].tolist()
   return figures

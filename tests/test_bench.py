@@ -50,8 +50,17 @@ def test_sample_benchmark_wires_the_shape_through():
     max_new_tokens=4,
     log=lambda s: None,
   )
-  assert r["benchmark"] == "sample" and r["model"].startswith("2x32")
+  assert r["benchmark"] == "sample" and r["model"].startswith("2x32") and r["repeats"] == 3
   assert any(k.startswith("b2_") and "transformers" in k for k in r)
+  # Tokens/s, time per step and bandwidth share are the same median call.
+  for who in ("b2_greedy", "b2_topk_transformers"):
+    step_s = r[f"{who}_ms_per_step"] / 1e3
+    assert r[f"{who}_tokens_per_s"] == pytest.approx(2 / step_s, rel=0.02)
+    expected = 100 * r["weight_bytes_per_step"] / step_s / (r["read_bandwidth_gb_per_s"] * 1e9)
+    assert r[f"{who}_bandwidth_pct"] == pytest.approx(expected, rel=0.05)
+  # Every weight but the position table (debug: 32 positions x 32 wide), in float32.
+  assert r["weight_bytes_per_step"] == 4 * (36_736 - 32 * 32)
+  assert r["peak_memory_bytes"] > 0 and r["b2_greedy_same_tokens"]
 
 
 def test_cli_usage_error_is_one_line():

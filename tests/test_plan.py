@@ -218,6 +218,34 @@ def test_ladder_applies_the_overrides_to_every_rung(monkeypatch):
   assert table[2].startswith("debug") and table[3].startswith("gpt2_small") and "124M" in table[3]
 
 
+def test_cli_makes_the_fake_cpu_devices_its_target_names():
+  assert plan.cpu_device_flags(["plan", "--target=cpu:8"], "") == "--xla_force_host_platform_device_count=8"
+  assert plan.cpu_device_flags(["plan", "--target", "cpu:4"], "--xla_dump_to=/tmp/x") == (
+    "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+  )
+  given = "--xla_force_host_platform_device_count=2"
+  assert plan.cpu_device_flags(["plan", "--target=cpu:8"], given) == given  # The user's own wins.
+  assert plan.cpu_device_flags(["plan", "--target=tpu:v5e:2x2"], "") == ""
+
+
+def test_ladder_takes_overrides_without_a_config_file():
+  argv = ["plan", "--ladder", "--target=cpu:8", "--config.mesh.fsdp=8", "--json"]
+  assert plan.split_ladder_overrides(argv) == (
+    ["plan", "--ladder", "--target=cpu:8", "--json"],
+    ["--config.mesh.fsdp=8"],
+  )
+  # Beside a config file absl parses them itself; without --ladder they are left alone.
+  with_file = ["plan", "--ladder", "--config=configs/debug.py", "--config.mesh.fsdp=8"]
+  assert plan.split_ladder_overrides(with_file) == (with_file, [])
+  assert plan.split_ladder_overrides(argv[:1] + argv[2:]) == (argv[:1] + argv[2:], [])
+  # Through the CLI: the override reaches the rungs, so a field no config has is one error line.
+  r = _run_plan("--ladder", "--target=cpu:2", "--config.mesh.fsdp=2", "--config.model.no_such=1")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+    "error: --config.model.no_such=1: the config has no field 'model.no_such'"
+  )
+
+
 # ------------------------------------------------- tpu / cuda (optional)
 
 
