@@ -38,31 +38,27 @@ def flops_per_token(model_cfg, seq_len: int, num_params: int) -> float:
   return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.num_heads * head_dim * seq_len
 
 
-def measure_matmul_peak(size: int = 1024, reps: int = 5) -> float:
-  """FLOP/s of a float32 square matmul on the default device: the CPU's practical peak."""
-  x = jnp.ones((size, size), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
+def _best_seconds(f, x, reps: int) -> float:
   f(x).block_until_ready()
   best = float("inf")
   for _ in range(reps):
     t = time.perf_counter()
     f(x).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2.0 * size**3 / best
+  return best
+
+
+def measure_matmul_peak(size: int = 1024, reps: int = 5) -> float:
+  """FLOP/s of a float32 square matmul on the default device: the CPU's practical peak."""
+  x = jnp.ones((size, size), jnp.float32)
+  return 2.0 * size**3 / _best_seconds(jax.jit(lambda a: a @ a), x, reps)
 
 
 def measure_read_bandwidth(mib: int = 512, reps: int = 5) -> float:
   """Bytes/s of a float32 sum over `mib` MiB on the default device: the rate
   at which decoding can stream weights that no cache holds."""
   x = jnp.ones((mib * 2**18,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return x.nbytes / best
+  return x.nbytes / _best_seconds(jax.jit(jnp.sum), x, reps)
 
 
 def peak_flops(configured: float) -> tuple[float, str]:
