@@ -155,11 +155,20 @@ def sample_categorical(key, logits_BV):
   return (block_B * _BLOCK + jnp.sum(mass_BK < u_B2[:, 1:] * mass_BK[:, -1:], axis=-1)).astype(jnp.int32)
 
 
+def first_argmax(x_BV):
+  """argmax over the last axis (the first index on ties) as two plain
+  reductions: XLA:CPU's (value, index) reduction behind jnp.argmax took 1.0 ms
+  for 8 x 50k logits, these 0.33 ms."""
+  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  V = x_BV.shape[-1]
+  return jnp.min(jnp.where(x_BV == max_B1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def _choose(logits_BV, key, consts, greedy: bool):
   """Next tokens; sampling settings other than greedy are traced (no recompilation)."""
   logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < consts["vocab_limit"], logits_BV, -jnp.inf)
   if greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return first_argmax(logits_BV)
   top_k, top_p = consts["top_k"], consts["top_p"]
   logits_BV = jax.lax.cond(
     (top_k > 0) | (top_p < 1),

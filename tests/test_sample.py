@@ -178,6 +178,12 @@ def test_sampling_step_does_not_sort_the_vocabulary():
   assert '"TopK"' in hlo and " sort(" not in hlo
 
 
+def test_first_argmax_equals_argmax_on_ties():
+  x = np.array([[1.0, 3.0, 3.0, -np.inf], [-np.inf, -np.inf, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]], np.float32)
+  x = np.concatenate([x, np.asarray(jax.random.normal(jax.random.key(1), (5, 4)))])
+  np.testing.assert_array_equal(np.asarray(sample.first_argmax(x)), np.argmax(x, axis=-1))
+
+
 def test_sample_categorical_follows_the_distribution():
   # 300 ids: two blocks of 256, the second padded; -inf ids must never come out.
   probs = np.zeros(300, np.float32)
