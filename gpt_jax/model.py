@@ -88,6 +88,11 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   return {"k": k, "v": v, "end": jnp.zeros((), jnp.int32)}
 
 
+# Up to this many rows (decoding), XLA:CPU multiplies [N, K] weights by [K, M]
+# activations (transposed products): see _lm_head and transpose_kernels.
+_CPU_FEW_ROWS = 64
+
+
 def _normal(std, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
@@ -130,11 +135,44 @@ class Projection(nn.Module):
   def __call__(self, x):
     dtype, param_dtype = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
     in_shape = x.shape[x.ndim - self.num_in :]
-    kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
-    bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
     ins, outs = "abcd"[: self.num_in], "efgh"[: len(self.features)]
-    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype))
-    return y + bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
+    bias = bias.astype(dtype).reshape((1,) * (x.ndim - self.num_in) + bias.shape)
+    if not getattr(self.cfg, "kernels_out_in", False):
+      kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
+      return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+    # Kernels stored [outputs..., inputs...] (see transpose_kernels): decoding on CPU.
+    axes = (*self.axes[self.num_in :], *self.axes[: self.num_in])
+    kernel = self.param("kernel", _normal(self.std, axes), (*self.features, *in_shape), param_dtype)
+    lead = x.shape[: x.ndim - self.num_in]
+    rows, n_in, n_out = int(np.prod(lead)), int(np.prod(in_shape)), int(np.prod(self.features))
+    if rows > _CPU_FEW_ROWS:
+      return jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+    kernel_NK = kernel.reshape(n_out, n_in).astype(dtype)
+    y_NM = jnp.einsum("NK,MK->NM", kernel_NK, x.reshape(rows, n_in).astype(dtype))
+    return jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features) + bias
+
+
+def transpose_kernels(params):
+  """Projection kernels [inputs..., outputs...] -> [outputs..., inputs...], the
+  layout of a model config with `kernels_out_in=True`.
+
+  Measured on XLA:CPU with 8 rows: [N, K] x [K, M] runs about 2x faster than
+  [M, K] x [K, N] for the 768-3072 wide layer kernels, so the sampler
+  transposes them once per call on CPU. A scanned model's leading layer axis
+  stays first. The attention output projection has two input axes (heads, kv).
+  """
+
+  def move(path, x):
+    names = [getattr(p, "key", "") for p in path]
+    if names[-1] != "kernel":
+      return x
+    num_in = 2 if names[-3:-1] == ["attn", "c_proj"] else 1
+    start = 1 if "blocks" in names else 0  # scan_layers: [L, ...]
+    order = list(range(start)) + list(range(start + num_in, x.ndim)) + list(range(start, start + num_in))
+    return x.transpose(order)
+
+  return jax.tree_util.tree_map_with_path(move, params)
 
 
 def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
@@ -253,10 +291,6 @@ class Block(nn.Module):
       x_BTD = LayerNorm(cfg, name="ln_2")(x_BTD + drop(mlp(x_BTD)))
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
     return x_BTD, new_kv
-
-
-# Up to this many rows (decoding), XLA:CPU computes the head as [V, D] x [D, M].
-_CPU_FEW_ROWS = 64
 
 
 def _lm_head(x_BTD, wte_VD):

@@ -295,6 +295,9 @@ def _programs(cfg, mode: _Mode, mesh):
 
 # ------------------------------------------------------------ host side
 
+_transposed = jax.jit(model_lib.transpose_kernels)
+_TRANSPOSE_FROM_STEPS = 16
+
 
 def _freeze(cfg):
   if isinstance(cfg, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
@@ -433,7 +436,13 @@ def decode(
     return Decoded(
       np.zeros((B, 0), np.int32), 0, np.zeros((B, 0, model_cfg.vocab_size)) if keep_logits else None
     )
-  run_all, prefill, step, results = _programs(_freeze(model_cfg), mode, mesh)
+  frozen = _freeze(model_cfg)
+  if mesh is None and jax.default_backend() == "cpu" and max_new_tokens >= _TRANSPOSE_FROM_STEPS:
+    # XLA:CPU runs the few-row matmuls of decoding faster on [out, in] kernels;
+    # transposing them costs about two steps' weight traffic, once per call.
+    frozen = ml_collections.FrozenConfigDict({**frozen.as_configdict().to_dict(), "kernels_out_in": True})
+    params = _transposed(params)
+  run_all, prefill, step, results = _programs(frozen, mode, mesh)
   if on_token is None:
     out = run_all(params, *args)
   else:

@@ -67,12 +67,13 @@ def _prompts(lengths, vocab, seed=0):
 
 @pytest.mark.parametrize("pattern,scan", [(("dense",), False), (("dense", "local"), True)])
 def test_cached_logits_match_full_forward(debug_config, pattern, scan):
-  # local_window 8 < prompt + generated (up to 25 tokens): the cache must apply the band.
+  # local_window 8 < prompt + generated (up to 29 tokens): the cache must apply the band.
   cfg = debug_config.model
   cfg.update(attention_pattern=pattern, scan_layers=scan)
   params = _init(cfg, 2)
   prompts = _prompts([5, 13], cfg.vocab_size)
-  M = 12  # New tokens.
+  M = 16  # New tokens: enough for the sampler's transposed-kernel program on CPU.
+  assert jax.default_backend() != "cpu" or M >= sample._TRANSPOSE_FROM_STEPS
   out = sample.decode(cfg, params, prompts, max_new_tokens=M, temperature=0.0, keep_logits=True)
   assert out.steps == M
   # One full forward over each prompt + generated prefix (right padding cannot reach earlier logits).
