@@ -29,6 +29,7 @@ import numpy as np
 from absl import flags, logging
 
 from gpt_jax import config as config_lib
+from gpt_jax import convert
 from gpt_jax import model as model_lib
 
 # --------------------------------------------------------------- sampling
@@ -295,7 +296,18 @@ def _programs(cfg, mode: _Mode, mesh):
 
 # ------------------------------------------------------------ host side
 
-_transposed = jax.jit(model_lib.transpose_kernels)
+
+@jax.jit
+def _cpu_decode_layout(params):
+  """Layers unstacked and projection kernels [out, in]: the layout XLA:CPU decodes fastest in.
+
+  A scanned model slices its stacked weights at every layer of every step,
+  and XLA:CPU copies each slice (at batch 8 on 6 x 768: 42 ms a step against
+  21 ms unrolled); few-row products run about 2x faster on [out, in] kernels.
+  """
+  return model_lib.transpose_kernels(convert.unstack_blocks(params))
+
+
 _TRANSPOSE_FROM_STEPS = 16
 
 
@@ -438,10 +450,11 @@ def decode(
     )
   frozen = _freeze(model_cfg)
   if mesh is None and jax.default_backend() == "cpu" and max_new_tokens >= _TRANSPOSE_FROM_STEPS:
-    # XLA:CPU runs the few-row matmuls of decoding faster on [out, in] kernels;
-    # transposing them costs about two steps' weight traffic, once per call.
-    frozen = ml_collections.FrozenConfigDict({**frozen.as_configdict().to_dict(), "kernels_out_in": True})
-    params = _transposed(params)
+    # One copy of the weights per call (a few steps' time) in the layout
+    # XLA:CPU decodes fastest: unrolled layers, [out, in] kernels.
+    cpu_cfg = {**frozen.as_configdict().to_dict(), "kernels_out_in": True, "scan_layers": False}
+    frozen = ml_collections.FrozenConfigDict(cpu_cfg)
+    params = _cpu_decode_layout(params)
   run_all, prefill, step, results = _programs(frozen, mode, mesh)
   if on_token is None:
     out = run_all(params, *args)
