@@ -516,6 +516,7 @@ def _loop(
         if ev:
           writer.write(done, ev)
           last.update(ev)
+        if ev and is_main:
           bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         window_t += time.perf_counter() - t_eval  # Evaluation time counts in no throughput window.
 
@@ -582,15 +583,16 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
       }
 
   def finish(params):
-    if jax.process_index() != 0:
-      return
-    baseline = data.unigram_loss(config, tok, workdir)
-    logging.info("unigram baseline on the validation tokens: %.4f nats/token", baseline)
-    print(f"unigram baseline (validation): {baseline:.4f} nats/token", flush=True)
+    main = jax.process_index() == 0
+    if main:
+      baseline = data.unigram_loss(config, tok, workdir)
+      logging.info("unigram baseline on the validation tokens: %.4f nats/token", baseline)
+      print(f"unigram baseline (validation): {baseline:.4f} nats/token", flush=True)
     s = config.sample
     if s.num_samples > 0:
       from gpt_jax import sample
 
+      # Every process samples: the parameters are sharded over all of them.
       prompts = [s.prompt] * s.num_samples
       texts = sample.generate_text(
         config.model,
@@ -603,7 +605,7 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
         top_p=s.top_p,
         seed=config.train.seed,
       )
-      for i, text in enumerate(texts):
+      for i, text in enumerate(texts if main else []):
         print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
 
   return Task(
