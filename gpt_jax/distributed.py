@@ -103,15 +103,18 @@ def detect(
   index = process_id if process_id is not None else _int(env, "GPT_JAX_PROCESS_ID")
   given = {"--coordinator_address": address, "--num_processes": count, "--process_id": index}
   if any(v is not None for v in given.values()):
-    if count == 1 and address is None:
-      return None
+    if count is not None and count < 1:
+      raise UserError(f"--num_processes={count} must be >= 1")
+    if count == 1 and address is None and index in (None, 0):
+      return None  # Explicitly one process.
+    if count is not None and index is not None and not 0 <= index < count:
+      raise UserError(f"--process_id={index} must be in [0, --num_processes={count})")
     missing = [k for k, v in given.items() if v is None]
     if missing:
       raise UserError(f"multi-process start needs {', '.join(missing)} as well (got {given})")
-    if count < 1 or not 0 <= index < count:
-      raise UserError(f"--process_id={index} must be in [0, --num_processes={count})")
-    if ":" not in address:
-      raise UserError(f"--coordinator_address={address!r} must be HOST:PORT")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise UserError(f"--coordinator_address={address!r} must be HOST:PORT with a port in [1, 65535]")
     if count == 1:
       return None
     return "explicit", {"coordinator_address": address, "num_processes": count, "process_id": index}

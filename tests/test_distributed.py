@@ -44,8 +44,14 @@ def test_explicit_flags_win_and_must_be_complete():
     distributed.detect("127.0.0.1:1234", 2, environ={}, on_tpu_vm=False)
   with pytest.raises(UserError, match=r"\[0, --num_processes=2\)"):
     distributed.detect("127.0.0.1:1234", 2, 2, environ={}, on_tpu_vm=False)
-  with pytest.raises(UserError, match="HOST:PORT"):
-    distributed.detect("127.0.0.1", 2, 0, environ={}, on_tpu_vm=False)
+  for address in ("127.0.0.1", "127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000", ":1234"):
+    with pytest.raises(UserError, match="HOST:PORT"):
+      distributed.detect(address, 2, 0, environ={}, on_tpu_vm=False)
+  # One process, but a process id that could only belong to a larger job.
+  with pytest.raises(UserError, match=r"\[0, --num_processes=1\)"):
+    distributed.detect(num_processes=1, process_id=5, environ={}, on_tpu_vm=False)
+  with pytest.raises(UserError, match="--num_processes=0"):
+    distributed.detect("127.0.0.1:1234", 0, 0, environ={}, on_tpu_vm=False)
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476", "GPT_JAX_NUM_PROCESSES": "4", "GPT_JAX_PROCESS_ID": "3"}
   assert distributed.detect(environ=env, on_tpu_vm=False)[1]["process_id"] == 3
 
