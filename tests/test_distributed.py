@@ -154,11 +154,16 @@ def test_two_processes_train_save_restore_like_one_process(tmp_path):
   cache = tmp_path / "jax_cache"
   multi, single = tmp_path / "two_procs", tmp_path / "one_proc"
 
-  def two_process_run(tag):
+  def two_process_run(tag, *extra):
     port = free_port()
     cmds = [
       main_command(
-        multi, cache, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"
+        multi,
+        cache,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        *extra,
       )
       for i in range(2)
     ]
@@ -169,8 +174,10 @@ def test_two_processes_train_save_restore_like_one_process(tmp_path):
 
   # Process 1 waits for process 0 to write the tokenizer and token cache into
   # the shared workdir; both read their own rows of each global batch.
-  logs = two_process_run("first")
+  # The end-of-run sample needs both processes (the parameters are sharded over them); process 0 prints it.
+  logs = two_process_run("first", "--config.sample.num_samples=1", "--config.sample.max_new_tokens=4")
   assert "process 0 of 2, 2 local / 4 global devices" in logs[0].read_text()
+  assert "--- sample 1 ---" in logs[0].read_text() and "--- sample" not in logs[1].read_text()
   assert sorted(p.name for p in (multi / "tokenizer").parent.iterdir() if p.name.startswith(".")) == []
   first = losses(multi)
   assert sorted(first) == [1, 2, 3]
