@@ -55,7 +55,8 @@ REMATS = ("none", "dots_saveable", "full")  # Least to most recompute.
 # Cloud TPU v6e documentation), and whether accelerator-type names count
 # TensorCores (2 per chip: v4-32 is 16 chips) or chips (v5litepod-16).
 TPU_CHIPS = {
-  "v4": {"hbm": 32 * GiB, "peak": 275e12, "cores_per_chip": 2, "dims": 3},
+  # v4 chips hold two TensorCores that XLA drives as one device ("megacore").
+  "v4": {"hbm": 32 * GiB, "peak": 275e12, "cores_per_chip": 2, "dims": 3, "chip_config": "megacore"},
   "v5e": {"hbm": 16 * GiB, "peak": 197e12, "cores_per_chip": 1, "dims": 2},
   "v5p": {"hbm": 95 * GiB, "peak": 459e12, "cores_per_chip": 2, "dims": 3},
   "v6e": {"hbm": 32 * GiB, "peak": 918e12, "cores_per_chip": 1, "dims": 2},
@@ -63,6 +64,7 @@ TPU_CHIPS = {
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 # Standard slice shapes by chip count (Cloud TPU docs: v5e/v6e 2D, v4/v5p 3D tori).
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_EXAMPLES = {2: "2x4", 3: "2x2x2"}
 _SHAPES_3D = {
   4: "2x2x1",
   8: "2x2x2",
@@ -124,7 +126,14 @@ def plan(config) -> dict:
     "seq_len": seq,
     "flops_per_token": metrics.flops_per_token(m, seq, counts["params"]),
     "eval_shape_seconds": round(time.perf_counter() - start, 3),
+    **({"job_note": _JOB_NOTE.format(job=config.job)} if config.get("job", "pretrain") != "pretrain" else {}),
   }
+
+
+_JOB_NOTE = (
+  "job={job}: planned as the language-model train step of this model at this batch and seq_len; "
+  "the fine-tuning step itself (task head, the task's sequence length) is not planned"
+)
 
 
 # --------------------------------------------------------------- targets
@@ -146,10 +155,15 @@ def tpu_topology(name: str) -> str:
   if ":" in name:
     gen, shape = name.split(":", 1)
     gen = _TPU_ALIASES.get(gen, gen)
-    if gen not in TPU_CHIPS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+    if gen not in TPU_CHIPS or not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", shape):
       raise UserError(
         f"--target=tpu:{name}: expected GEN:SHAPE with GEN in {sorted(TPU_CHIPS)}, e.g. v5e:2x4"
       )
+    dims = TPU_CHIPS[gen]["dims"]
+    if dims == 3 and shape.count("x") == 1:
+      shape += "x1"  # v4:2x2 is the 2x2x1 torus.
+    if shape.count("x") + 1 != dims:
+      raise UserError(f"--target=tpu:{name}: {gen} slices are {dims}-D (e.g. {gen}:{_EXAMPLES[dims]})")
     return f"{gen}:{shape}"
   match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
   gen = match and _TPU_ALIASES.get(match.group(1), match.group(1))
@@ -166,6 +180,8 @@ def tpu_topology(name: str) -> str:
 def parse_target(spec: str) -> Target:
   platform, _, rest = spec.partition(":")
   if platform == "cpu":
+    if rest and not re.fullmatch(r"[1-9]\d*", rest):
+      raise UserError(f"--target={spec}: N in cpu:N must be a positive integer (cpu alone: all CPU devices)")
     n = int(rest) if rest else 0
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Target(spec, "cpu", "cpu", n, ram, 0.0)
@@ -180,6 +196,8 @@ def parse_target(spec: str) -> Target:
       raise UserError(
         f"--target={spec}: GPU kind must be one of {sorted(GPU_SPECS)} (cuda:h100 or cuda:h100:16)"
       )
+    if count and not re.fullmatch(r"[1-9]\d*", count):
+      raise UserError(f"--target={spec}: the GPU count in cuda:{kind}:N must be a positive integer")
     n = int(count) if count else 8
     return Target(spec, "cuda", kind, n, GPU_SPECS[kind]["memory"], GPU_SPECS[kind]["peak"])
   raise UserError(f"--target={spec}: expected tpu:..., cuda:... or cpu[:N]")
@@ -261,7 +279,7 @@ def target_devices(target: Target) -> list:
     topo = topologies.get_topology_desc(
       platform="tpu",
       topology_name=target.topology,
-      chip_config_name="default",
+      chip_config_name=TPU_CHIPS[target.kind].get("chip_config", "default"),
       chips_per_host_bounds=per_host,
       num_slices=1,
     )
@@ -453,7 +471,14 @@ def compile_plan(config, target: Target, devices=None) -> dict:
   needed = (
     out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"] + out["code_bytes"]
   )
-  out["needed_bytes"] = needed
+  # The TPU compiler also reports its own peak, and for small programs it can
+  # put buffers there that temp_size leaves out (0 B of temporaries).
+  # (XLA:CPU's "peak" is its arguments alone: not used.)
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) if target.platform != "cpu" else 0
+  if peak:
+    out["compiler_peak_bytes"] = peak
+  out["needed_bytes"] = max(needed, peak)
+  needed = out["needed_bytes"]
   if target.platform == "cpu":
     # Fake devices share the host's RAM; XLA:CPU temporaries are no guide to
     # an accelerator's (different fusion and scheduling).
@@ -527,8 +552,9 @@ def _with(config, remat: str, seqs_per_device: int, dp: int):
 def suggest(config, target: Target, *, saturation_tokens: int = 4096, log=print) -> dict:
   """Searches remat policy x sequences per device; the fastest-looking setting that fits.
 
-  For each policy the per-device microbatch doubles from 1 while it fits
-  (the global batch stays, made up by gradient accumulation). Ranking: more
+  For each policy the per-device microbatch doubles from 1 while it fits and
+  divides the per-device batch, then takes the whole per-device batch (the
+  global batch stays, made up by gradient accumulation). Ranking: more
   tokens per device until `saturation_tokens` (beyond, an accelerator's
   matmuls are busy and a bigger batch buys little), then less recompute, then
   the larger batch.
@@ -540,10 +566,16 @@ def suggest(config, target: Target, *, saturation_tokens: int = 4096, log=print)
   dp = int(mesh.shape["data"] * mesh.shape["fsdp"])
   seq = config_lib.seq_len(config)
   per_device_max = config.train.batch_size // dp
+  if config.train.batch_size % dp:
+    raise UserError(
+      f"train.batch_size={config.train.batch_size} must be a multiple of data x fsdp = {dp} on {target.spec}"
+    )
+  # Powers of two that divide the per-device batch, then the whole of it (no accumulation).
+  sizes = [b for b in (2**i for i in range(per_device_max.bit_length())) if per_device_max % b == 0]
+  sizes += [per_device_max] if per_device_max not in sizes else []
   trials = []
   for remat in REMATS:
-    b = 1
-    while b <= per_device_max and per_device_max % b == 0:
+    for b in sizes:
       cfg = _with(config, remat, b, dp)
       r = compile_plan(cfg, target, devices)
       trials.append(r)
@@ -554,7 +586,6 @@ def suggest(config, target: Target, *, saturation_tokens: int = 4096, log=print)
       )
       if not r["fits"]:
         break
-      b *= 2
   best = best_setting(trials, seq, saturation_tokens)
   return {"trials": trials, "best": best, "saturation_tokens": saturation_tokens}
 
@@ -605,11 +636,17 @@ def apply_overrides(config, overrides: list[str]):
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
-    if isinstance(old, bool) and isinstance(value, str):
-      value = value.lower() in ("1", "true", "yes")
+    if isinstance(old, bool) and isinstance(value, (str, int)):
+      words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+      if str(value).lower() not in words:
+        raise UserError(f"{item}: {dotted} is a bool (true / false), not {raw!r}")
+      value = words[str(value).lower()]
     elif isinstance(old, float) and isinstance(value, int):
       value = float(value)
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise UserError(f"{item}: {dotted} must be {type(old).__name__}, not {raw!r}") from None
   return config
 
 
@@ -664,6 +701,8 @@ def format_plan(p: dict) -> str:
       f"FLOPs per token (XLA cost analysis, unrolled, no remat): {p['xla_flops_per_token']:.4g} "
       f"({ratio:.3f}x the formula)"
     )
+  if p.get("job_note"):
+    lines.append(f"note: {p['job_note']}")
   if "target" not in p:
     return "\n".join(lines)
   mesh = " x ".join(f"{a}={n}" for a, n in p["mesh"].items())
@@ -678,6 +717,7 @@ def format_plan(p: dict) -> str:
     lines.append(
       f"compiled: arguments {_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}, "
       f"outputs not aliased {_gib(p['output_bytes'] - p['alias_bytes'])}, code {_gib(p['code_bytes'])}"
+      + (f", compiler peak {_gib(p['compiler_peak_bytes'])}" if "compiler_peak_bytes" in p else "")
     )
   elif "temp_bytes" in p:
     lines.append(f"TPU compiler: temporaries alone {_gib(p['temp_bytes'])}")
@@ -739,7 +779,16 @@ def split_ladder_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   has_config = any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in argv)
   if "--ladder" not in argv or has_config:
     return argv, []
-  return [a for a in argv if not a.startswith("--config.")], [a for a in argv if a.startswith("--config.")]
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config.") and "=" not in a and i + 1 < len(argv):
+      overrides.append(f"{a}={argv[i + 1]}")  # The "--config.FIELD VALUE" form.
+      i += 2
+      continue
+    (overrides if a.startswith("--config.") else rest).append(a)
+    i += 1
+  return rest, overrides
 
 
 def cpu_device_flags(argv: list[str], xla_flags: str) -> str:
@@ -747,7 +796,7 @@ def cpu_device_flags(argv: list[str], xla_flags: str) -> str:
   lists devices, which the CLI has not done yet), unless already given."""
   targets = [a.split("=", 1)[1] for a in argv if a.startswith("--target=")]
   targets += [b for a, b in zip(argv, argv[1:]) if a == "--target"]
-  match = re.fullmatch(r"cpu:(\d+)", targets[-1]) if targets else None
+  match = re.fullmatch(r"cpu:([1-9]\d*)", targets[-1]) if targets else None
   if not match or "xla_force_host_platform_device_count" in xla_flags:
     return xla_flags
   return f"{xla_flags} --xla_force_host_platform_device_count={match.group(1)}".strip()

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("v6e-64", "v6e:8x8"),
     ("v4-32", "v4:2x2x4"),  # v4 names count TensorCores: 32 cores = 16 chips.
     ("v5p-8", "v5p:2x2x1"),
+    ("v4:2x2", "v4:2x2x1"),  # A 2-D shape of a 3-D generation: one layer deep.
   ],
 )
 def test_tpu_names_map_to_topologies(name, topology):
@@ -53,7 +54,17 @@ def test_parse_target():
   assert (t.platform, t.num_devices, t.peak_flops) == ("cuda", 8, 989e12)
   assert plan.parse_target("cuda:a100:16").num_devices == 16
   assert plan.parse_target("cpu:4").num_devices == 4
-  for bad in ("tpu:v9-8", "tpu:v5e:2x", "cuda:k80", "gpu:h100", "tpu:v5litepod-12"):
+  bad_targets = ["tpu:v9-8", "tpu:v5e:2x", "cuda:k80", "gpu:h100", "tpu:v5litepod-12", "tpu:v5e:0x4"]
+  bad_targets += [
+    "tpu:v5e:2x2x2",
+    "tpu:v4:2x2x2x2",
+    "cpu:abc",
+    "cpu:0",
+    "cpu:-1",
+    "cuda:h100:abc",
+    "cuda:h100:0",
+  ]
+  for bad in bad_targets:
     with pytest.raises(UserError):
       plan.parse_target(bad)
 
@@ -110,6 +121,13 @@ def test_cpu_plan_counts_sharded_bytes_like_the_compiler():
   assert p["fits"] and p["sequences_per_device"] == 1 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert p["needed_bytes"] >= p["argument_bytes"] + p["temp_bytes"] - p["alias_bytes"]
   assert "not representative" in p["note"]
+
+
+def test_finetune_configs_say_what_is_planned():
+  p = plan.plan(plan.load_config_file(str(ROOT / "configs" / "finetune_rte.py")))
+  assert p["job_note"].startswith("job=finetune: planned as the language-model train step")
+  assert "note: job=finetune" in plan.format_plan(p)
+  assert "job_note" not in plan.plan(plan.load_config_file(str(ROOT / "configs" / "gpt2_small.py")))
 
 
 def test_embedding_layout_reports_replicated_vocab_and_padding():
@@ -199,6 +217,19 @@ def test_suggest_doubles_the_batch_per_policy_until_it_does_not_fit(monkeypatch)
   # stops at 4); then the larger batch of the two that fit.
   assert (result["best"]["remat"], result["best"]["sequences_per_device"]) == ("full", 16)
 
+  # 24 sequences a device: after the powers of two that divide it, the whole batch (no accumulation).
+  calls.clear()
+  config.train.batch_size = 8 * 24
+  plan.suggest(config, plan.parse_target("cpu:8"), log=lambda s: None)
+  full = [c for c in calls if c[0] == "full"]
+  assert full == [("full", 1, 24), ("full", 2, 12), ("full", 4, 6), ("full", 8, 3), ("full", 24, 1)]
+  # A global batch the data-parallel devices cannot split is named as such (nothing compiles).
+  calls.clear()
+  config.train.batch_size = 4
+  with pytest.raises(UserError, match=r"train.batch_size=4 must be a multiple of data x fsdp = 8"):
+    plan.suggest(config, plan.parse_target("cpu:8"), log=lambda s: None)
+  assert calls == []
+
 
 def test_ladder_applies_the_overrides_to_every_rung(monkeypatch):
   seen = []
@@ -244,6 +275,19 @@ def test_ladder_takes_overrides_without_a_config_file():
   assert r.stderr.strip().splitlines()[-1] == (
     "error: --config.model.no_such=1: the config has no field 'model.no_such'"
   )
+  # "--config.FIELD VALUE" as absl takes it; values of the wrong type are one line, not a traceback.
+  assert plan.split_ladder_overrides(["plan", "--ladder", "--config.train.batch_size", "8"]) == (
+    ["plan", "--ladder"],
+    ["--config.train.batch_size=8"],
+  )
+  debug_cfg = plan.load_config_file(str(ROOT / "configs" / "debug.py"))
+  with pytest.raises(
+    UserError, match=r"^--config.train.batch_size=abc: train.batch_size must be int, not 'abc'$"
+  ):
+    plan.apply_overrides(debug_cfg, ["--config.train.batch_size=abc"])
+  with pytest.raises(UserError, match="model.scan_layers is a bool"):
+    plan.apply_overrides(debug_cfg, ["--config.model.scan_layers=maybe"])
+  assert plan.apply_overrides(debug_cfg, ["--config.model.scan_layers=no"]).model.scan_layers is False
 
 
 # ------------------------------------------------- tpu / cuda (optional)
@@ -281,6 +325,12 @@ def test_tpu_compile_only_plan_and_its_hard_memory_check():
   p = json.loads(r.stdout)
   assert p["device_kind"].startswith("TPU v5") and p["devices"] == 4 and p["fits"]
   assert p["memory_per_device_bytes"] == 16 * 2**30
+  assert p["needed_bytes"] >= p.get("compiler_peak_bytes", 0) > 0
+  # v4 chips are one (megacore) device each: v4-8 is 4 devices.
+  r = _run_plan("--config=configs/debug.py", "--target=tpu:v4-8", "--json", "--nocross_check")
+  assert r.returncode == 0, r.stderr[-3000:]
+  p = json.loads(r.stdout)
+  assert p["device_kind"].startswith("TPU v4") and p["devices"] == 4 and p["fits"]
   # 2M sequences: the logits alone need ~21 GiB per chip; the TPU compiler refuses.
   big = "--config.train.batch_size=2097152"
   r = _run_plan("--config=configs/debug.py", "--target=tpu:v5e:2x2", big, "--nocross_check", "--check")
