@@ -90,14 +90,20 @@ def quiet_library_logs() -> None:
 class MetricsWriter:
   """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, start_step: int | None = None):
+    """start_step: the step the run starts (resumes) from. Records of later
+    steps, written before the run stopped and now about to be redone, move
+    from metrics.jsonl to metrics.superseded.jsonl, so each step appears once."""
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if start_step is not None and os.path.exists(path):
+      _supersede_after(path, start_step, os.path.join(workdir, "metrics.superseded.jsonl"))
+    self._jsonl = open(path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter
 
@@ -118,3 +124,23 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _supersede_after(path: str, step: int, superseded: str) -> None:
+  """Moves the records of steps after `step` from `path` to the end of `superseded`."""
+  keep, moved = [], []
+  with open(path) as f:
+    for line in f:
+      try:
+        later = int(json.loads(line)["step"]) > step
+      except (ValueError, KeyError, TypeError):
+        later = False  # Not a record of ours (or a line cut by a crash): left where it is.
+      (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+  if not moved:
+    return
+  with open(superseded, "a") as f:
+    f.writelines(moved)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)

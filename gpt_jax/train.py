@@ -389,7 +389,7 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
     eval_fn = jax.jit(
       make_eval_step(task.loss_fn), in_shardings=(shardings.params, sharding.batch_sharding(mesh))
     )
-    writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+    writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, start_step=int(state.step))
     final = _loop(
       config,
       workdir,

@@ -304,6 +304,12 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
   assert 4 <= resumed <= killed_at and resumed % 4 == 0
   ref, run = _metrics(ref_dir), _metrics(run_dir)
   assert [ref[s] for s in range(resumed + 1, 41)] == [run[s] for s in range(resumed + 1, 41)]
+  # Each step once in metrics.jsonl: the killed run's records after the checkpoint were moved aside.
+  rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+  loss_steps = [r["step"] for r in rows if "loss" in r]
+  assert sorted(loss_steps) == list(range(1, 41))
+  superseded = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.superseded.jsonl"))]
+  assert min(superseded) > resumed and max(superseded) <= killed_at
   _, p_ref = checkpoint.load_params(ref_dir)
   _, p_run = checkpoint.load_params(run_dir)
   jax.tree.map(np.testing.assert_array_equal, p_ref, p_run)
