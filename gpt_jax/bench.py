@@ -48,14 +48,88 @@ def _stats(seconds: list[float]) -> dict:
   }
 
 
-def _peak_memory() -> tuple[float, str]:
+def _peak_memory(torch_part: str = "") -> tuple[float, str]:
+  """Peak memory and what it counts; `torch_part` names what torch holds in this
+  process, which a process-wide figure includes (a device's figure does not)."""
   import jax
 
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use (device 0)"
   # CPU: the process's peak resident set (params, optimiser state, temporaries, Python).
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process peak RSS"
+  source = "process peak RSS"
+  if torch_part:
+    source += f", including torch with {torch_part}"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, source
+
+
+# ------------------------------------------------------------ arguments
+
+
+def _check_int(flag: str, value, minimum: int, note: str = ""):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise UserError(f"--{flag}={value!r}: must be an integer >= {minimum}{note}")
+
+
+def _check_compare(compare: str):
+  if compare not in ("", "hf_torch"):
+    raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
+
+
+def check_train_args(*, steps: int, warmup: int, rounds: int, compare: str, threads: int):
+  """Rejects bad `train` arguments before anything is built or compiled."""
+  _check_compare(compare)
+  _check_int("warmup", warmup, 0)
+  _check_int("rounds", rounds, 1)
+  _check_int("steps", steps, 1, " (timed steps in all, split over --rounds)")
+  if steps < rounds:
+    raise UserError(
+      f"--steps={steps} is fewer than --rounds={rounds}: the timed steps are split over the rounds, "
+      "at least one each"
+    )
+  _check_int("threads", threads, 0, " (0 = all CPU cores)")
+
+
+def check_sample_args(
+  config, *, compare: str, threads: int, batch_sizes, prompt_len: int, max_new_tokens: int, rounds: int
+):
+  """Rejects bad `sample` arguments before anything is built or compiled."""
+  _check_compare(compare)
+  _check_int("threads", threads, 0, " (0 = all CPU cores)")
+  _check_int("rounds", rounds, 1)
+  _check_int("prompt_len", prompt_len, 1)
+  _check_int("max_new_tokens", max_new_tokens, 1)
+  sizes = list(batch_sizes)
+  if not sizes:
+    raise UserError("--batch_sizes: give at least one batch size")
+  for b in sizes:
+    _check_int("batch_sizes", b, 1, " (each batch size)")
+  if len(set(sizes)) != len(sizes):
+    raise UserError(f"--batch_sizes={','.join(map(str, sizes))}: a batch size is repeated")
+  block = config.model.block_size
+  if prompt_len + max_new_tokens > block:
+    raise UserError(
+      f"--prompt_len={prompt_len} + --max_new_tokens={max_new_tokens} must be <= "
+      f"model.block_size={block} (the whole sequence must fit)"
+    )
+
+
+def parse_batch_sizes(values) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise UserError(f"--batch_sizes={','.join(values)}: must be positive integers, comma-separated") from None
+
+
+def check_json_out(path: str):
+  """The file --json_out names must be writable: checked before the benchmark runs."""
+  if os.path.isdir(path):
+    raise UserError(f"--json_out={path}: is a directory, not a file")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f"--json_out={path}: folder {parent} does not exist")
+  if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UserError(f"--json_out={path}: not writable")
 
 
 # ------------------------------------------------------------------ ours
@@ -83,18 +157,19 @@ class _JaxTrainer:
     tokens = rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)
     self.batch = {"tokens": jax.device_put(tokens, batch["tokens"].sharding)}
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    self.first_loss = None
+    self.first_loss = self.last_loss = None
 
   def run(self, n: int) -> list[float]:
-    times = []
+    times, out = [], None
     for _ in range(n):
       t = time.perf_counter()
       self.state, out = self.step(self.state, self.batch)
       self.jax.block_until_ready((self.state, out))
       times.append(time.perf_counter() - t)
-    self.last_loss = float(out["loss"])
-    if self.first_loss is None:
-      self.first_loss = self.last_loss
+    if out is not None:  # n = 0 (no warm-up) runs nothing.
+      self.last_loss = float(out["loss"])
+      if self.first_loss is None:
+        self.first_loss = self.last_loss
     return times
 
 
@@ -171,7 +246,11 @@ def bench_train(
   profile_dir: str = "",
   log=print,
 ) -> dict:
-  """Times the train step; with compare="hf_torch" also transformers', alternating rounds."""
+  """Times the train step; with compare="hf_torch" also transformers', alternating rounds.
+
+  `steps` timed steps in all, split over `rounds` as evenly as they go (the
+  first `steps % rounds` rounds take one more), after `warmup` untimed ones."""
+  check_train_args(steps=steps, warmup=warmup, rounds=rounds, compare=compare, threads=threads)
   import jax
 
   from gpt_jax import metrics
@@ -207,16 +286,14 @@ def bench_train(
   if compare == "hf_torch":
     ref = _TorchTrainer(config, threads)
     result["torch_threads"] = threads
-  elif compare:
-    raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
 
   ours.run(warmup)
   if ref is not None:
     ref.run(warmup)
   # Alternate rounds so both see the same (noisy, shared) machine.
   ours_t, ref_t, peak_samples = [], [], []
-  per_round = max(1, steps // rounds)
   for r in range(rounds):
+    per_round = steps // rounds + (r < steps % rounds)
     if on_cpu:
       peak_samples.append(metrics.measure_matmul_peak())
     if profile_dir and r == 0:
@@ -247,7 +324,9 @@ def bench_train(
     result["peak_flops"] = peak
     result["peak_source"] = source
   result["mfu"] = flops_tok * result["tokens_per_s"] / peak
-  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory()
+  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory(
+    "transformers' model and AdamW state: --compare runs in this process" if ref is not None else ""
+  )
   result["load_average_end"] = round(os.getloadavg()[0], 2)
   if ref is not None:
     rs = _stats(ref_t)
@@ -286,10 +365,17 @@ def format_train(r: dict) -> str:
 
 def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1, 8), prompt_len=16,
                  max_new_tokens=128, rounds=3, log=print) -> dict:  # fmt: skip
+  check_sample_args(
+    config,
+    compare=compare,
+    threads=threads,
+    batch_sizes=batch_sizes,
+    prompt_len=prompt_len,
+    max_new_tokens=max_new_tokens,
+    rounds=rounds,
+  )
   from gpt_jax import sample
 
-  if compare not in ("", "hf_torch"):
-    raise UserError(f"--compare={compare!r}: only 'hf_torch' is supported")
   m = config.model
   log(f"sampling: {m.num_layers} x {m.d_model}, batches {list(batch_sizes)}, {max_new_tokens} new tokens")
   load = round(os.getloadavg()[0], 2)
@@ -307,7 +393,10 @@ def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1,
     threads=threads or os.cpu_count(),
   )
   result = {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), "load_average_start": load, **figures}
-  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory()
+  # The weights come from a transformers model built in this process, compared or not.
+  held = "the transformers model that supplies the weights"
+  held += " and generates for --compare" if compare else ""
+  result["peak_memory_bytes"], result["peak_memory_source"] = _peak_memory(held)
   result["load_average_end"] = round(os.getloadavg()[0], 2)
   return result
 
@@ -327,6 +416,22 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in ("train", "sample"):
     raise UserError("usage: python -m gpt_jax.bench train|sample --config=FILE [--compare=hf_torch]")
   config = config_lib.validate(_CONFIG.value)
+  # Every argument is checked before anything runs: a bad one costs no compilation.
+  if F.json_out:
+    check_json_out(F.json_out)
+  if argv[1] == "train":
+    check_train_args(steps=F.steps, warmup=F.warmup, rounds=F.rounds, compare=F.compare, threads=F.threads)
+  else:
+    batch_sizes = parse_batch_sizes(F.batch_sizes)
+    check_sample_args(
+      config,
+      compare=F.compare,
+      threads=F.threads,
+      batch_sizes=batch_sizes,
+      prompt_len=F.prompt_len,
+      max_new_tokens=F.max_new_tokens,
+      rounds=F.rounds,
+    )
   logging.set_verbosity(logging.WARNING)
   log = lambda s: print(s, file=sys.stderr, flush=True)
   if argv[1] == "train":
@@ -346,7 +451,7 @@ def main(argv):
       config,
       compare=F.compare,
       threads=F.threads,
-      batch_sizes=[int(b) for b in F.batch_sizes],
+      batch_sizes=batch_sizes,
       prompt_len=F.prompt_len,
       max_new_tokens=F.max_new_tokens,
       rounds=F.rounds,
@@ -366,8 +471,8 @@ if __name__ == "__main__":
   )
   flags.mark_flag_as_required("config")
   flags.DEFINE_string("compare", "", "'hf_torch': time transformers side by side and print the ratio.")
-  flags.DEFINE_integer("steps", 12, "Timed steps (split over --rounds).")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_integer("steps", 12, "Timed steps in all, split over --rounds (at least one each).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (0 = none).")
   flags.DEFINE_integer("rounds", 3, "Alternating rounds of ours / the reference (sample: timed calls each).")
   flags.DEFINE_integer("threads", 0, "torch threads (0 = all CPU cores, as XLA uses).")
   flags.DEFINE_string("profile", "", "Write a jax.profiler trace of the first timed round here.")

@@ -33,6 +33,8 @@ def test_train_benchmark_against_transformers_is_self_consistent():
   assert r["speedup_vs_hf_torch"] == pytest.approx(r["tokens_per_s"] / r["hf_torch_tokens_per_s"])
   assert r["step_steps"] == r["hf_torch_step_steps"] == 2
   assert "measured float32" in r["peak_source"] and r["peak_memory_bytes"] > 0
+  # On CPU the peak is the process's, torch's model and optimiser included.
+  assert "transformers" in r["peak_memory_source"] and r["torch_threads"] == 1
   # The timed steps trained on their fixed batch.
   assert r["loss_last_call"] < r["loss_first_call"]
   text = bench.format_train(r)
@@ -61,6 +63,7 @@ def test_sample_benchmark_wires_the_shape_through():
   # Every weight but the position table (debug: 32 positions x 32 wide), in float32.
   assert r["weight_bytes_per_step"] == 4 * (36_736 - 32 * 32)
   assert r["peak_memory_bytes"] > 0 and r["b2_greedy_same_tokens"]
+  assert r["torch_threads"] == 1 and "transformers" in r["peak_memory_source"]
 
 
 def test_cli_usage_error_is_one_line():
@@ -71,3 +74,87 @@ def test_cli_usage_error_is_one_line():
     text=True,
   )
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train|sample" in r.stderr, r.stderr
+
+
+def test_train_benchmark_without_warmup_times_every_step():
+  config = config_lib.validate(debug.get_config())
+  r = bench.bench_train(config, steps=3, warmup=0, rounds=2, log=lambda s: None)
+  # 3 steps over 2 rounds: 2 + 1, all timed; the first call's loss is a timed step's.
+  assert r["step_steps"] == 3 and r["loss_first_call"] is not None and r["loss_last_call"] is not None
+  assert "torch_threads" not in r and "transformers" not in r["peak_memory_source"]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+  """Bad arguments must be rejected before anything is built or compiled."""
+
+  def fail(*args, **kwargs):
+    raise AssertionError("the benchmark started despite bad arguments")
+
+  monkeypatch.setattr(bench, "_JaxTrainer", fail)
+  monkeypatch.setattr(bench, "_TorchTrainer", fail)
+  from gpt_jax import sample
+
+  monkeypatch.setattr(sample, "benchmark_generate", fail)
+
+
+@pytest.mark.parametrize(
+  "kw, flag",
+  [
+    (dict(warmup=-1), "--warmup=-1"),
+    (dict(rounds=0), "--rounds=0"),
+    (dict(steps=0), "--steps=0"),
+    (dict(steps=2, rounds=3), "--steps=2 is fewer than --rounds=3"),
+    (dict(threads=-1, compare="hf_torch"), "--threads=-1"),
+    (dict(compare="bogus"), "--compare='bogus'"),
+  ],
+)
+def test_train_benchmark_rejects_bad_arguments_up_front(nothing_runs, kw, flag):
+  config = config_lib.validate(debug.get_config())
+  with pytest.raises(config_lib.UserError) as e:
+    bench.bench_train(config, **{"steps": 4, "warmup": 1, "rounds": 2, **kw}, log=lambda s: None)
+  assert str(e.value).startswith(flag), str(e.value)
+
+
+@pytest.mark.parametrize(
+  "kw, flag",
+  [
+    (dict(max_new_tokens=0), "--max_new_tokens=0"),
+    (dict(rounds=0), "--rounds=0"),
+    (dict(batch_sizes=(0,)), "--batch_sizes=0"),
+    (dict(batch_sizes=()), "--batch_sizes"),
+    (dict(batch_sizes=(2, 2)), "--batch_sizes=2,2"),
+    (dict(prompt_len=0), "--prompt_len=0"),
+    (dict(prompt_len=16, max_new_tokens=17), "--prompt_len=16 + --max_new_tokens=17"),  # block_size 32
+    (dict(threads=-1), "--threads=-1"),
+    (dict(compare="bogus"), "--compare='bogus'"),
+  ],
+)
+def test_sample_benchmark_rejects_bad_arguments_up_front(nothing_runs, kw, flag):
+  config = config_lib.validate(debug.get_config())
+  args = {"batch_sizes": (1,), "prompt_len": 4, "max_new_tokens": 4, "rounds": 1, **kw}
+  with pytest.raises(config_lib.UserError) as e:
+    bench.bench_sample(config, **args, log=lambda s: None)
+  assert str(e.value).startswith(flag), str(e.value)
+
+
+@pytest.mark.parametrize(
+  "args, flag",
+  [
+    (["train", "--json_out=/nonexistent/dir/x.json"], "--json_out=/nonexistent/dir/x.json"),
+    (["train", "--json_out=."], "--json_out=."),
+    (["train", "--steps=2", "--rounds=3"], "--steps=2"),
+    (["sample", "--batch_sizes=x"], "--batch_sizes=x"),
+    (["sample", "--max_new_tokens=0"], "--max_new_tokens=0"),
+    (["sample"], "--prompt_len=16 + --max_new_tokens=128"),  # Defaults overflow debug's 32 positions.
+  ],
+)
+def test_cli_rejects_bad_arguments_in_one_line_before_running(args, flag):
+  r = subprocess.run(
+    [sys.executable, "-m", "gpt_jax.bench", *args, "--config=configs/debug.py"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert r.stderr.startswith(f"error: {flag}") and not r.stdout, r.stderr
