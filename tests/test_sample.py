@@ -164,6 +164,10 @@ def test_candidate_threshold_matches_bisection(scale):
     np.testing.assert_array_equal(fast[fits], full[fits])
     seen |= set(fits.tolist())
   assert seen == {True, False}
+  # Top-k alone with k <= 64 takes 64 candidates; either side of that, the kept set is the bisection's.
+  for top_k in (1, 40, 64, 65, 300):
+    kept = _kept(logits, top_k, 1.0)
+    assert [len(row) for row in kept] == [min(top_k, 1000)] * 3
 
 
 def test_sampling_step_does_not_sort_the_vocabulary():
