@@ -14,7 +14,7 @@ float32 matmul peak measured in the same run, and peak memory.
 clipping, AdamW) at the same shape, dtype, batch and thread count in the
 same process, in alternating rounds so both see the same machine load, and
 prints the ratio. `sample` times KV-cache decoding against transformers'
-`generate` (gpt_jax.sample.benchmark_generate), also as a fraction of the
+`generate` (benchmark_generate), also as a fraction of the
 memory read bandwidth measured in the same run (decoding streams every
 weight once per step), with peak memory. Everything printed is also
 written as JSON with --json_out.
@@ -22,10 +22,12 @@ written as JSON with --json_out.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -363,6 +365,121 @@ def format_train(r: dict) -> str:
 # ---------------------------------------------------------------- sample
 
 
+def benchmark_generate(
+  *,
+  num_layers: int = 6,
+  d_model: int = 768,
+  num_heads: int = 12,
+  vocab_size: int = 50257,
+  block_size: int = 1024,
+  batch_sizes=(1, 8),
+  prompt_len: int = 16,
+  max_new_tokens: int = 256,
+  repeats: int = 3,
+  reference: bool = True,
+  threads: int = 2,
+  seed: int = 0,
+) -> dict:
+  """Decoding tokens/s of `generate` and, side by side, of transformers' `generate`.
+
+  Both run the same random GPT-2-shaped weights (a GPT2LMHeadModel saved and
+  imported with gpt_jax.convert.from_hf) from the same prompts and generate
+  exactly max_new_tokens per row (no EOT), greedy and with top-k sampling
+  (temperature 0.8, k 40). After a warm-up (our first call, compilation
+  included, is reported apart) the two take turns for `repeats` timed calls
+  each, so both see the same machine load; figures are the median call, the
+  prefill included. Decoding reads every weight once per step, so each
+  figure is also given as a fraction of the memory read bandwidth measured
+  in the same run (`_bandwidth_pct`): how close it is to that limit.
+  """
+  import jax
+  import torch
+  import transformers
+
+  from gpt_jax import convert, metrics, sample
+
+  torch.manual_seed(seed)
+  torch.set_num_threads(threads)
+  hf_cfg = transformers.GPT2Config(
+    vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=num_layers, n_head=num_heads
+  )
+  hf_model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    cfg, params = convert.from_hf(tmp)
+  hf_model.generation_config.update(eos_token_id=None, pad_token_id=0)
+  rng = np.random.default_rng(seed)
+  # Bytes a decoding step reads: every weight but the position table (one row).
+  step_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
+  bandwidth = metrics.measure_read_bandwidth()
+  figures = {
+    "model": f"{num_layers}x{d_model}, vocab {vocab_size}",
+    "prompt_len": prompt_len,
+    "max_new_tokens": max_new_tokens,
+    "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    "repeats": repeats,
+    "weight_bytes_per_step": int(step_bytes),
+    "read_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
+  }
+  if reference:  # Only transformers' side runs on torch threads.
+    figures["torch_threads"] = threads
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+  def record(prefix, seconds, B):
+    median = float(np.median(seconds))
+    figures[f"{prefix}_tokens_per_s"] = round(B * max_new_tokens / median, 1)
+    figures[f"{prefix}_ms_per_step"] = round(1e3 * median / max_new_tokens, 3)
+    figures[f"{prefix}_spread_pct"] = round(100 * (max(seconds) - min(seconds)) / median, 1)
+    figures[f"{prefix}_bandwidth_pct"] = round(100 * step_bytes * max_new_tokens / median / bandwidth, 2)
+    return median
+
+  modes = {"greedy": dict(temperature=0.0), "topk": dict(temperature=0.8, top_k=40)}
+  for B in batch_sizes:
+    prompts = rng.integers(0, vocab_size, (B, prompt_len)).tolist()
+    ids = torch.tensor(prompts)
+    for name, kw in modes.items():
+      ours = functools.partial(sample.generate, cfg, params, prompts, max_new_tokens=max_new_tokens, **kw)
+      figures[f"b{B}_{name}_first_call_s"] = round(timed(ours)[0], 2)
+      theirs = None
+      if reference:
+        hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, **kw)
+        generate_hf = functools.partial(
+          hf_model.generate,
+          ids,
+          attention_mask=torch.ones_like(ids),
+          max_new_tokens=max_new_tokens,
+          min_new_tokens=max_new_tokens,
+          **hf_kw,
+        )
+
+        def theirs(generate_hf=generate_hf):
+          with torch.inference_mode():
+            return generate_hf()
+
+        theirs()
+      ours_s, theirs_s = [], []
+      for _ in range(repeats):
+        seconds, our_tokens = timed(ours)
+        ours_s.append(seconds)
+        if theirs is not None:
+          seconds, hf_tokens = timed(theirs)
+          theirs_s.append(seconds)
+      median = record(f"b{B}_{name}", ours_s, B)
+      logging.info("batch %d %s: %.1f tokens/s", B, name, B * max_new_tokens / median)
+      if theirs is None:
+        continue
+      hf_median = record(f"b{B}_{name}_transformers", theirs_s, B)
+      figures[f"b{B}_{name}_speedup"] = round(hf_median / median, 2)
+      logging.info("batch %d %s: transformers %.1f tokens/s", B, name, B * max_new_tokens / hf_median)
+      if name == "greedy":
+        figures[f"b{B}_greedy_same_tokens"] = our_tokens == hf_tokens[:, prompt_len:].tolist()
+  return figures
+
+
 def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1, 8), prompt_len=16,
                  max_new_tokens=128, rounds=3, log=print) -> dict:  # fmt: skip
   check_sample_args(
@@ -374,12 +491,10 @@ def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1,
     max_new_tokens=max_new_tokens,
     rounds=rounds,
   )
-  from gpt_jax import sample
-
   m = config.model
   log(f"sampling: {m.num_layers} x {m.d_model}, batches {list(batch_sizes)}, {max_new_tokens} new tokens")
   load = round(os.getloadavg()[0], 2)
-  figures = sample.benchmark_generate(
+  figures = benchmark_generate(
     num_layers=m.num_layers,
     d_model=m.d_model,
     num_heads=m.num_heads,

@@ -93,9 +93,7 @@ def nothing_runs(monkeypatch):
 
   monkeypatch.setattr(bench, "_JaxTrainer", fail)
   monkeypatch.setattr(bench, "_TorchTrainer", fail)
-  from gpt_jax import sample
-
-  monkeypatch.setattr(sample, "benchmark_generate", fail)
+  monkeypatch.setattr(bench, "benchmark_generate", fail)
 
 
 @pytest.mark.parametrize(
