@@ -314,7 +314,7 @@ def _cpu_decode_layout(params):
   return model_lib.transpose_kernels(convert.unstack_blocks(params))
 
 
-_TRANSPOSE_FROM_STEPS = 16
+_CPU_LAYOUT_FROM_STEPS = 16
 
 
 def _freeze(cfg):
@@ -455,7 +455,7 @@ def decode(
       np.zeros((B, 0), np.int32), 0, np.zeros((B, 0, model_cfg.vocab_size)) if keep_logits else None
     )
   frozen = _freeze(model_cfg)
-  if mesh is None and jax.default_backend() == "cpu" and max_new_tokens >= _TRANSPOSE_FROM_STEPS:
+  if mesh is None and jax.default_backend() == "cpu" and max_new_tokens >= _CPU_LAYOUT_FROM_STEPS:
     # One copy of the weights per call (a few steps' time) in the layout
     # XLA:CPU decodes fastest: unrolled layers, [out, in] kernels.
     cpu_cfg = {**frozen.as_configdict().to_dict(), "kernels_out_in": True, "scan_layers": False}

@@ -72,8 +72,8 @@ def test_cached_logits_match_full_forward(debug_config, pattern, scan):
   cfg.update(attention_pattern=pattern, scan_layers=scan)
   params = _init(cfg, 2)
   prompts = _prompts([5, 13], cfg.vocab_size)
-  M = 16  # New tokens: enough for the sampler's transposed-kernel program on CPU.
-  assert jax.default_backend() != "cpu" or M >= sample._TRANSPOSE_FROM_STEPS
+  M = 16  # New tokens: enough for the sampler's CPU decode layout (unstacked, [out, in] kernels).
+  assert jax.default_backend() != "cpu" or M >= sample._CPU_LAYOUT_FROM_STEPS
   out = sample.decode(cfg, params, prompts, max_new_tokens=M, temperature=0.0, keep_logits=True)
   assert out.steps == M
   # One full forward over each prompt + generated prefix (right padding cannot reach earlier logits).
