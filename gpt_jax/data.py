@@ -25,7 +25,9 @@ Pipeline (documents from gpt_jax.data_sources):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -127,17 +129,42 @@ def _check_header(directory: Path, header: dict, tokenizer) -> None:
 
 
 def prepare_cache(config, tokenizer, workdir: str, *, process_index: int = 0) -> TokenCache:
-  """The token cache of config.data for tokenizer, built by process 0 on first use."""
+  """The token cache of config.data for tokenizer, built once on first use.
+
+  In a workdir on a shared filesystem process 0 builds it and the others wait.
+  A URL workdir (gs://...) keeps it on each host's disk: there the first
+  process of each host to take the folder's lock builds it.
+  """
   directory = cache_dir(config, workdir)
   header_path = directory / "header.json"
   if not header_path.exists():
-    if process_index != 0:
+    if config_lib.is_url(workdir) and not config.data.data_dir:
+      with _host_lock(directory):
+        if not header_path.exists():
+          _build_cache(config, tokenizer, workdir, directory)
+    elif process_index != 0:
       tokenizer_lib.wait_for(header_path, "the token cache")
     else:
       _build_cache(config, tokenizer, workdir, directory)
   header = json.loads(header_path.read_text())
   _check_header(directory, header, tokenizer)
   return TokenCache(directory, header)
+
+
+@contextlib.contextmanager
+def _host_lock(directory: Path):
+  """An exclusive lock on `directory` among the processes of this host."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with open(directory.parent / f".{directory.name}.lock", "w") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("waiting for another process on this host to build %s", directory)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_cache(config, tokenizer, workdir: str, directory: Path) -> None:

@@ -35,7 +35,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from gpt_jax.config import UserError
+from gpt_jax.config import UserError, is_url, local_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -43,9 +43,20 @@ _READ_CHUNK = 1024  # records fetched per data-source call when reading TFDS spl
 
 
 def resolve_data_dir(data_cfg, workdir: str | None) -> str:
-  """config.data.data_dir, or <workdir>/data, or "" when neither is known."""
+  """config.data.data_dir, or <workdir>/data, or "" when neither is known.
+
+  The token cache is memory-mapped, so this is always a local folder: for a
+  URL workdir (gs://...) it is `config.local_dir(workdir, "data")` on each host.
+  """
   if data_cfg.data_dir:
+    if is_url(data_cfg.data_dir):
+      raise UserError(
+        f"data.data_dir={data_cfg.data_dir}: must be a local folder (the token cache is memory-mapped); "
+        "TFDS datasets in a bucket go in data.tfds_data_dir"
+      )
     return str(Path(data_cfg.data_dir).expanduser().absolute())
+  if workdir and is_url(workdir):
+    return local_dir(workdir, "data")
   if workdir:
     return str(Path(workdir).expanduser().absolute() / "data")
   return ""

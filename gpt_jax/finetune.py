@@ -89,6 +89,17 @@ def _write_export(directory: Path, config, params, tok, record: dict) -> None:
     multihost_utils.sync_global_devices(f"finetune best export {record['step']}")
 
 
+def _local_run_dir(path: str, flag: str) -> str:
+  """Fine-tuning swaps its best/ export in with directory renames, which a bucket lacks."""
+  path = checkpoint.run_dir(path, flag)
+  if config_lib.is_url(path):
+    raise UserError(
+      f"{flag}={path}: fine-tuning needs a local or mounted folder (its best/ export is swapped in "
+      "with directory renames, which a bucket does not have); pretraining takes gs:// workdirs"
+    )
+  return path
+
+
 def read_best(workdir) -> dict | None:
   path = Path(workdir) / BEST_DIR / BEST_FILE
   return json.loads(path.read_text()) if path.exists() else None
@@ -331,7 +342,7 @@ def run(config, workdir: str) -> dict:
   optim.warmup_steps from finetune.warmup_fraction, then calls train.run.
   Returns its final metrics plus the best validation record ("best/...").
   """
-  workdir = checkpoint.run_dir(workdir)
+  workdir = _local_run_dir(workdir, "--workdir")
   fc = config.finetune
   with config.unlocked():
     if config.init_from:
@@ -417,7 +428,7 @@ def load_finetuned(path: str):
 
   path: a fine-tuning workdir or a best/ directory.
   """
-  p = Path(path).expanduser().absolute()
+  p = Path(_local_run_dir(path, "--workdir"))
   export = p if (p / "params").exists() else p / BEST_DIR
   if (export / "params").exists():
     config = checkpoint._tuples(checkpoint.load_config_file(export / checkpoint.CONFIG_FILE))

@@ -1,7 +1,7 @@
 """Training entry point: flags -> config -> train.run(config, workdir).
 
   python -m gpt_jax.main --config=configs/shakespeare.py --workdir=runs/shakespeare
-  python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=/gcs/bucket/run \
+  python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=gs://bucket/runs/medium \
       --config.train.batch_size=256 --config.mesh.fsdp=8
 
 Re-running the same command on a workdir with checkpoints resumes it.
@@ -13,7 +13,9 @@ from ml_collections import config_flags
 from gpt_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, metrics.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory, a local path or gs://BUCKET/PATH: config, tokenizer, checkpoints, metrics."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 # Multi-process jobs (gpt_jax/distributed.py): TPU pods and SLURM are detected;
 # anything else (launch/local.sh, a custom launcher) passes these three.

@@ -10,6 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
+
+from gpt_jax import config as config_lib
+
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 # Peak dense bf16 FLOP/s per chip (vendor figures; ../shared/REFERENCE.md).
 PEAK_FLOPS_BY_KIND = {
@@ -88,26 +94,43 @@ def quiet_library_logs() -> None:
 
 
 class MetricsWriter:
-  """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0."""
+  """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, start_step: int | None = None):
+  In a URL workdir (gs://...) these files, and a profile, are written under
+  `config.local_dir(workdir)` and copied to the workdir every `upload_every_s`
+  seconds and on close (a bucket object cannot be appended to).
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    tensorboard: bool = True,
+    start_step: int | None = None,
+    upload_every_s: float = 60.0,
+  ):
     """start_step: the step the run starts (resumes) from. Records of later
     steps, written before the run stopped and now about to be redone, move
     from metrics.jsonl to metrics.superseded.jsonl, so each step appears once."""
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._mirror = RunFileMirror(workdir, upload_every_s) if config_lib.is_url(workdir) else None
+    # Where this run's local files go: the workdir, or its local stand-in.
+    self.files_dir = self._mirror.local if self._mirror else workdir
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
+    os.makedirs(self.files_dir, exist_ok=True)
+    path = os.path.join(self.files_dir, METRICS_FILE)
+    if self._mirror:  # The bucket holds the run's history; this host may hold none or an older copy.
+      self._mirror.pull(METRICS_FILE, SUPERSEDED_FILE)
     if start_step is not None and os.path.exists(path):
-      _supersede_after(path, start_step, os.path.join(workdir, "metrics.superseded.jsonl"))
+      _supersede_after(path, start_step, os.path.join(self.files_dir, SUPERSEDED_FILE))
     self._jsonl = open(path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(self.files_dir, "tensorboard"))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -118,12 +141,76 @@ class MetricsWriter:
       for k, v in clean.items():
         if isinstance(v, int | float) and np.isfinite(v):
           self._tb.add_scalar(k, v, step)
+    if self._mirror and self._mirror.due():
+      if self._tb is not None:
+        self._tb.flush()
+      self._mirror.push()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._mirror and self.enabled:
+      self._mirror.push()
+
+
+class RunFileMirror:
+  """A URL run directory's appendable files, kept in a local folder and copied up.
+
+  `local` is `config.local_dir(url)`; push copies every file under NAMES
+  there that changed since the last push (by size and mtime) to the same
+  relative path under the URL.
+  """
+
+  NAMES = (METRICS_FILE, SUPERSEDED_FILE, "tensorboard", "profile")
+
+  def __init__(self, url: str, every_s: float = 60.0):
+    self.url = config_lib.run_dir(url)
+    self.local = config_lib.local_dir(self.url)
+    self.every_s = every_s
+    self._sent: dict[str, tuple[int, int]] = {}
+    self._last = time.monotonic()
+
+  def due(self) -> bool:
+    return time.monotonic() - self._last >= self.every_s
+
+  def pull(self, *names: str) -> None:
+    """Replaces the local copies of `names` with the URL's (removed where the URL has none)."""
+    for name in names:
+      src, dst = epath.Path(self.url) / name, os.path.join(self.local, name)
+      if src.exists():
+        with open(dst, "wb") as f:
+          f.write(src.read_bytes())
+        st = os.stat(dst)
+        self._sent[name] = (st.st_size, st.st_mtime_ns)
+      elif os.path.exists(dst):
+        os.remove(dst)
+
+  def _local_files(self):
+    for name in self.NAMES:
+      top = os.path.join(self.local, name)
+      if os.path.isfile(top):
+        yield name
+      for root, _, files in os.walk(top):
+        yield from (os.path.relpath(os.path.join(root, f), self.local) for f in files)
+
+  def push(self) -> int:
+    """Copies the changed local files up; returns how many."""
+    self._last = time.monotonic()
+    copied = 0
+    for rel in self._local_files():
+      path = os.path.join(self.local, rel)
+      st = os.stat(path)
+      if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+        continue
+      dst = epath.Path(self.url) / rel
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      with open(path, "rb") as f:
+        dst.write_bytes(f.read())
+      self._sent[rel] = (st.st_size, st.st_mtime_ns)
+      copied += 1
+    return copied
 
 
 def _supersede_after(path: str, step: int, superseded: str) -> None:

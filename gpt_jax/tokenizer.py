@@ -29,8 +29,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
+from etils import epath
 
-from gpt_jax.config import UserError
+from gpt_jax.config import UserError, is_url, run_dir
 
 EOT = "<|endoftext|>"
 # The GPT-2 pre-tokenizer: contractions, letter runs, digit runs, other symbol
@@ -147,8 +148,11 @@ class Tokenizer:
     return out
 
   def save(self, directory: str, *, request: dict | None = None) -> None:
-    """Writes vocab.json + merges.txt (a Hugging Face GPT-2 folder) and gpt_jax_tokenizer.json."""
-    d = Path(directory)
+    """Writes vocab.json + merges.txt (a Hugging Face GPT-2 folder) and gpt_jax_tokenizer.json.
+
+    `directory` may be a URL (gs://...). gpt_jax_tokenizer.json is written
+    last: a folder without it is incomplete and is never loaded."""
+    d = epath.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     vocab = {_to_chars(t): r for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1])}
     vocab[EOT] = self.eot_id
@@ -318,8 +322,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_dir(directory: str) -> Tokenizer:
-  """The tokenizer that Tokenizer.save wrote to directory."""
-  d = Path(directory)
+  """The tokenizer that Tokenizer.save wrote to directory (a local path or a URL)."""
+  d = epath.Path(directory)
   meta_path = d / META_FILE
   try:
     meta = json.loads(_read_text(meta_path))
@@ -338,7 +342,7 @@ def load_dir(directory: str) -> Tokenizer:
 
 def load_request(directory: str) -> dict:
   """The config request (data.tokenizer, ...) that for_run saved with a tokenizer."""
-  return json.loads(_read_text(Path(directory) / META_FILE)).get("request", {})
+  return json.loads(_read_text(epath.Path(directory) / META_FILE)).get("request", {})
 
 
 # --------------------------------------------------------------- run files
@@ -408,23 +412,29 @@ def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokeni
   Later runs, evaluation and sampling from the same workdir load those files,
   so a trained BPE is trained once and the vocabulary can never drift under a
   checkpoint. Only process 0 builds and writes; the others wait for the files.
+  In a URL workdir (gs://...) the files are written in place, the metadata
+  file last, since a bucket has no atomic directory rename.
   """
   if process_index is None:
     import jax
 
     process_index = jax.process_index()
-  directory = Path(workdir).expanduser().absolute() / "tokenizer"
+  workdir = run_dir(workdir)
+  directory = epath.Path(workdir) / "tokenizer"
   if not (directory / META_FILE).exists():
     if process_index == 0:
-      tok = _build(config, str(directory.parent))
+      tok = _build(config, workdir)
       _check_fits(tok, config)
-      tmp = tmp_dir_for(directory)
-      try:
-        tok.save(str(tmp), request=_request(config.data))
-      except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-      publish_dir(tmp, directory)
+      if is_url(workdir):
+        tok.save(str(directory), request=_request(config.data))
+      else:
+        tmp = tmp_dir_for(Path(directory))
+        try:
+          tok.save(str(tmp), request=_request(config.data))
+        except BaseException:
+          shutil.rmtree(tmp, ignore_errors=True)
+          raise
+        publish_dir(tmp, Path(directory))
     else:
       wait_for(directory / META_FILE, "the tokenizer")
   tok = load_dir(str(directory))

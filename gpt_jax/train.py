@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from etils import epath
 from tqdm import tqdm
 
 from gpt_jax import checkpoint, metrics, model, optim, sharding
@@ -227,20 +228,21 @@ def prepare_workdir(config, workdir: str) -> None:
   """Writes the resolved config; refuses a workdir trained with another model shape."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if os.path.exists(path):
+  root = epath.Path(workdir)  # A local path or a URL (gs://...).
+  root.mkdir(parents=True, exist_ok=True)
+  path = root / checkpoint.CONFIG_FILE
+  if path.exists():
     old = checkpoint.load_config_file(path)
     diffs = [
       f"model.{f}: saved {old.model.get(f)!r}, now {config.model[f]!r}"
       for f in SHAPE_FIELDS
       if old.model.get(f) != config.model[f]
     ]
-    if diffs and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if diffs and (root / "checkpoints").is_dir():
       raise UserError(
         f"workdir {workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir"
       )
-    os.replace(path, path + ".previous")
+    path.rename(root / (checkpoint.CONFIG_FILE + ".previous"))
   checkpoint.write_config_file(path, config)
 
 
@@ -248,6 +250,8 @@ def enable_compilation_cache(config, workdir: str) -> None:
   where = config.train.compilation_cache_dir
   if where == "none":
     return
+  if not where and config_lib.is_url(workdir):  # On this host's disk: every compile reads it.
+    where = config_lib.local_dir(workdir, "jax_cache")
   where = where or os.path.join(workdir, "jax_cache")
   jax.config.update("jax_compilation_cache_dir", where)
   # Cache every compile: even the small CPU programs take seconds to build.
@@ -467,7 +471,7 @@ def _loop(
   try:
     for step in range(start, tc.num_steps):
       if config.log.profile_steps and step == start + 2 and is_main:
-        profile_dir = os.path.join(workdir, "profile")
+        profile_dir = os.path.join(writer.files_dir, "profile")  # A URL workdir gets a copy.
         jax.profiler.start_trace(profile_dir)
       t0 = time.perf_counter()
       local = next(task.train_iter)

@@ -333,13 +333,6 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 100000
 
 
-def test_url_workdir_is_refused_before_anything_is_written(debug_config, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(UserError, match="--workdir=gs://bucket/run: give a filesystem path .* gcsfuse"):
-    train.run(debug_config, "gs://bucket/run")
-  assert list(tmp_path.iterdir()) == []  # No ./gs:/bucket/run made by os.makedirs.
-
-
 def test_pretraining_runs_eval_tasks_and_prints_baseline_and_samples(debug_config, tmp_path, capsys):
   task_file = tmp_path / "mc.jsonl"
   rows = [{"context": "to be or not", "choices": [" to be", " xq zw"], "label": 0}] * 3

@@ -1,0 +1,196 @@
+"""Run directories given as URLs (gs://BUCKET/PATH).
+
+No bucket is reachable here, so a fake "gs" filesystem maps gs://... onto a
+local folder: fsspec (what etils.epath uses for gs:// without TensorFlow)
+gets a LocalFileSystem that rewrites the URL, and Orbax, which reaches a real
+bucket through tensorstore, gets the same folder through checkpoint._abs.
+Everything else (config, tokenizer, metrics, TensorBoard, the host-local
+token and compilation caches) takes the code path a real bucket takes.
+"""
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import fsspec
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.local import LocalFileSystem
+
+from gpt_jax import checkpoint, convert, data, finetune, metrics, train
+from gpt_jax import config as config_lib
+from gpt_jax.config import UserError
+
+
+class _FakeGCS(LocalFileSystem):
+  protocol = ("gs", "gcs")
+  root = ""
+
+  def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close=...) mean nothing here.
+    super().__init__()
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = os.fspath(path)
+    if path.startswith(("gs://", "gcs://")):
+      path = os.path.join(cls.root, path.split("://", 1)[1])
+    return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """A fake gs:// under tmp_path/gcs; the host-local caches under tmp_path/cache."""
+  root = tmp_path / "gcs"
+  root.mkdir()
+  monkeypatch.setattr(_FakeGCS, "root", str(root))
+  for name in ("gs", "gcs"):
+    fsspec.register_implementation(name, _FakeGCS, clobber=True)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  real_abs = checkpoint._abs
+
+  def orbax_abs(path):
+    p = str(path)
+    return real_abs(os.path.join(root, p[len("gs://") :]) if p.startswith("gs://") else p)
+
+  monkeypatch.setattr(checkpoint, "_abs", orbax_abs)
+  monkeypatch.chdir(tmp_path)
+  yield root
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _steps(path):
+  return [json.loads(line)["step"] for line in open(path)]
+
+
+def _train_steps(path):
+  """Steps of the training records (the final evaluation adds a record at the last step)."""
+  return [r["step"] for r in map(json.loads, open(path)) if "loss" in r]
+
+
+def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_config, bucket, tmp_path):
+  debug_config.train.num_steps = 4
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  first = train.run(debug_config, "gs://bkt/runs/a/")
+  run = bucket / "bkt" / "runs" / "a"
+  assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 4
+  assert (run / "tokenizer" / "gpt_jax_tokenizer.json").is_file()
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+  assert _train_steps(run / "metrics.jsonl") == [1, 2, 3, 4]
+  assert any(f.name.startswith("events.out.tfevents") for f in (run / "tensorboard").iterdir())
+  # The memory-mapped token cache and the compilation cache stay on this host.
+  local = tmp_path / "cache" / "gpt_jax" / "gs" / "bkt" / "runs" / "a"
+  assert list((local / "data" / "tokens").glob("*/header.json"))
+  assert (local / "jax_cache").is_dir()
+  assert not (run / "data").exists() and not (run / "jax_cache").exists()
+  assert first["step"] == 4
+
+  # A preempted job comes back on another VM: nothing local survives (but the
+  # folder of the compilation cache, which this process set up once).
+  shutil.rmtree(tmp_path / "cache")
+  (local / "jax_cache").mkdir(parents=True)
+  debug_config.train.num_steps = 6
+  assert train.run(debug_config, "gs://bkt/runs/a")["step"] == 6
+  assert _train_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+  assert {"4", "6"} <= {p.name for p in (run / "checkpoints").iterdir()}
+  assert (run / "config.json.previous").is_file()
+
+  # Sampling / evaluation load the model and the tokenizer from the bucket.
+  model_cfg, params, tok = checkpoint.load_for_inference("gs://bkt/runs/a")
+  assert model_cfg.d_model == debug_config.model.d_model and tok.vocab_size <= model_cfg.vocab_size
+  # Export to a Hugging Face folder, tokenizer files included.
+  convert._export("gs://bkt/runs/a", str(tmp_path / "hf"), None)
+  assert json.loads((tmp_path / "hf" / "vocab.json").read_text(encoding="utf-8")) == json.loads(
+    (run / "tokenizer" / "vocab.json").read_text(encoding="utf-8")
+  )
+  assert convert.from_hf(str(tmp_path / "hf"))[0].d_model == debug_config.model.d_model
+
+
+def test_metrics_mirror_pulls_history_and_pushes_only_changes(bucket):
+  run = epath.Path("gs://bkt/m")
+  run.mkdir(parents=True)
+  (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+  w = metrics.MetricsWriter("gs://bkt/m", tensorboard=False, start_step=2, upload_every_s=3600)
+  assert w.files_dir == config_lib.local_dir("gs://bkt/m")
+  # Step 3 is about to be redone: moved aside locally, not yet in the bucket.
+  w.write(3, {"loss": 1.5})
+  assert _steps(bucket / "bkt" / "m" / "metrics.jsonl") == [1, 2, 3]
+  w.close()
+  assert _steps(bucket / "bkt" / "m" / "metrics.jsonl") == [1, 2, 3]
+  assert json.loads((bucket / "bkt" / "m" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 1.5
+  assert _steps(bucket / "bkt" / "m" / "metrics.superseded.jsonl") == [3]
+  mirror = metrics.RunFileMirror("gs://bkt/m")
+  mirror.pull("metrics.jsonl", "metrics.superseded.jsonl")
+  assert mirror.push() == 0  # Nothing changed since the pull.
+  with open(os.path.join(mirror.local, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 4}) + "\n")
+  os.makedirs(os.path.join(mirror.local, "data"), exist_ok=True)
+  open(os.path.join(mirror.local, "data", "big.npy"), "wb").close()  # Not a run file: never uploaded.
+  assert mirror.push() == 1
+  assert _steps(bucket / "bkt" / "m" / "metrics.jsonl") == [1, 2, 3, 4]
+  assert not (bucket / "bkt" / "m" / "data").exists()
+
+
+@pytest.mark.parametrize(
+  "url, message",
+  [
+    ("ftp://host/run", "unsupported URL scheme ftp://"),
+    ("gs://", "expected gs://BUCKET/PATH"),
+    ("gs://bkt/../other", "expected gs://BUCKET/PATH"),
+    ("  ", "--workdir is empty"),
+  ],
+)
+def test_bad_urls_are_refused(url, message):
+  with pytest.raises(UserError, match=message):
+    config_lib.run_dir(url)
+
+
+def test_run_dir_and_local_dir(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert config_lib.run_dir("gs://b//x/y/") == "gs://b/x/y"
+  assert config_lib.run_dir("rel") == os.path.abspath("rel")
+  assert config_lib.local_dir("gs://b/x/", "data") == str(tmp_path / "gpt_jax" / "gs" / "b" / "x" / "data")
+
+
+def test_data_dir_url_is_refused(debug_config):
+  debug_config.data.data_dir = "gs://bkt/data"
+  with pytest.raises(UserError, match="data.data_dir=gs://bkt/data: must be a local folder"):
+    data.cache_dir(debug_config, "/tmp/run")
+
+
+def test_finetuning_refuses_a_url_workdir(bucket):
+  from configs import finetune_sst2
+
+  with pytest.raises(UserError, match="--workdir=gs://bkt/ft: fine-tuning needs a local or mounted folder"):
+    finetune.run(finetune_sst2.get_config(), "gs://bkt/ft")
+  assert not (bucket / "bkt").exists()
+
+
+def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, monkeypatch):
+  """Processes of one host share the local cache of a URL workdir: one builds, the rest wait."""
+  builds = []
+
+  def slow_build(config, tokenizer, workdir, directory):
+    builds.append(threading.get_ident())
+    time.sleep(0.5)
+    directory.mkdir(parents=True)
+    (directory / "header.json").write_text("{}")
+
+  monkeypatch.setattr(data, "_build_cache", slow_build)
+  monkeypatch.setattr(data, "_check_header", lambda *a: None)
+  monkeypatch.setattr(data, "TokenCache", lambda d, h: d)
+  got = []
+
+  def worker(i):
+    got.append(data.prepare_cache(debug_config, None, "gs://bkt/r", process_index=i))
+
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(builds) == 1 and len(got) == 3 and len(set(map(str, got))) == 1
