@@ -27,8 +27,8 @@
 #   --delete                  delete the slice (and queued resource) at the end, also when a step
 #                             fails after the create (the exit status stays that step's), or alone: just delete
 #   --dry-run                 print the commands, run nothing
-# The workdir must be a gs:// path (workers share no disk): every worker mounts
-# the bucket with gcsfuse at /tmp/gcs/BUCKET and trains in the mounted path.
+# The workdir must be a gs:// path (workers share no disk); gpt_jax writes it
+# through Orbax and etils.epath (gcsfs, installed with the requirements).
 set -euo pipefail
 
 usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -98,15 +98,6 @@ run_job=$(( ${#main_args[@]} > 0 ))
 if ((run_job)); then
   [[ -n "$config" ]] || die "give --config=... after --"
   [[ "$workdir" == gs://?* ]] || die "--workdir must be a gs:// path: the workers share no disk (got '${workdir}')"
-  # gpt_jax writes its run directory with ordinary file I/O: train in the bucket mounted by gcsfuse.
-  bucket="${workdir#gs://}"
-  bucket="${bucket%%/*}"
-  mount_dir="/tmp/gcs/$bucket"
-  rel="${workdir#gs://"$bucket"}"
-  rel="${rel#/}"
-  for i in "${!main_args[@]}"; do
-    [[ "${main_args[$i]}" == --workdir=* ]] && main_args[i]="--workdir=$mount_dir${rel:+/$rel}"
-  done
 elif ((!delete && !logs_only)); then
   die "nothing to do: give training flags after --, or --logs, or --delete"
 fi
@@ -237,12 +228,7 @@ if ((!skip_install)); then
     (cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf "$bundle")
   fi
   run "${gcloud_tpu[@]}" tpu-vm scp "$bundle" "$name:gpt_jax.tgz" "${where[@]}" --worker=all
-  remote "mkdir -p ~/$remote_dir && tar xzf ~/gpt_jax.tgz -C ~/$remote_dir && cd ~/$remote_dir && python3 -m pip install -q -r requirements.txt \"jax[tpu]==$jax_version\""
-  # gcsfuse from Google's apt repository, unless the image has it.
-  remote "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
-fi
-if ((run_job)); then
-  remote "mkdir -p $mount_dir && { mountpoint -q $mount_dir || gcsfuse --implicit-dirs $bucket $mount_dir; }"
+  remote "mkdir -p ~/$remote_dir && tar xzf ~/gpt_jax.tgz -C ~/$remote_dir && cd ~/$remote_dir && python3 -m pip install -q -r requirements.txt -r requirements-gcs.txt \"jax[tpu]==$jax_version\""
 fi
 
 # 4. The same command on every worker; gcloud streams their output (only
