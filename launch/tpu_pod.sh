@@ -168,6 +168,8 @@ fi
 delete_on_exit() {
   local status=$? delete_status=0
   trap - EXIT
+  # Terminated mid-step (SIGTERM, Ctrl-C): end the step's gcloud session too.
+  pkill -TERM -P $$ 2>/dev/null || true
   delete_slice || delete_status=$?
   ((status != 0)) || status=$delete_status
   exit "$status"

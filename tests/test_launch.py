@@ -38,7 +38,8 @@ def run(*args, env=None, check=True):
 # Stand-ins that run in milliseconds: `python` for --python= / $PYTHON (the
 # planner exits $FAKE_PLAN_RC; gpt_jax.main echoes its process id, then acts as
 # $FAKE_MODE says), and gcloud / srun that log their arguments to $FAKE_LOG
-# (gcloud fails with 7 when its arguments contain $FAKE_GCLOUD_FAIL).
+# (gcloud fails with 7 when its arguments contain $FAKE_GCLOUD_FAIL, and
+# hangs when they contain $FAKE_GCLOUD_HANG).
 FAKE_PYTHON = """\
 #!/usr/bin/env bash
 if [[ "$2" == gpt_jax.plan ]]; then echo "planner: $*"; exit "${FAKE_PLAN_RC:-0}"; fi
@@ -66,6 +67,10 @@ case "$*" in
   *"queued-resources describe"*) echo "${FAKE_QR_STATE:-ACTIVE}" ;;
 esac
 if [[ -n "${FAKE_GCLOUD_FAIL:-}" && "$*" == *"$FAKE_GCLOUD_FAIL"* ]]; then exit 7; fi
+if [[ -n "${FAKE_GCLOUD_HANG:-}" && "$*" == *"$FAKE_GCLOUD_HANG"* ]]; then
+  echo $$ >"$FAKE_DIR/hang.pid"
+  exec sleep 60
+fi
 """
 
 
@@ -344,6 +349,26 @@ def test_tpu_pod_delete_fails_the_run_when_the_delete_fails(fake):
   env = {**fake, "FAKE_GCLOUD_FAIL": "tpu-vm delete"}
   r = run(LAUNCH / "tpu_pod.sh", "--delete", "--skip-install", *TPU_JOB, env=env, check=False)
   assert r.returncode == 7 and calls(env)[-1] == DELETE_VM
+
+
+def test_tpu_pod_delete_also_runs_when_the_launcher_is_terminated(fake):
+  env = {**fake, "FAKE_GCLOUD_HANG": "gpt_jax.main"}
+  proc = subprocess.Popen(
+    [str(LAUNCH / "tpu_pod.sh"), "--delete", "--skip-install", *TPU_JOB],
+    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+  )  # fmt: skip
+  deadline = time.time() + 60
+  while not any("gpt_jax.main" in c for c in calls(env)) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)  # The job's ssh session is running: SIGTERM reaches the script only.
+  assert proc.wait(timeout=30) != 0
+  assert calls(env)[-1] == DELETE_VM
+  # ... and the job's session does not outlive it.
+  pid = int((Path(env["FAKE_DIR"]) / "hang.pid").read_text())
+  deadline = time.time() + 10
+  while time.time() < deadline and Path(f"/proc/{pid}").exists():
+    time.sleep(0.05)
+  assert not Path(f"/proc/{pid}").exists()
 
 
 def test_slurm_dry_run_one_process_per_gpu_or_per_node():
