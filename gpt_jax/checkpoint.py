@@ -47,7 +47,7 @@ def write_config_file(path, config) -> None:
   path = _abs(path)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

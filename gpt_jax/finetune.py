@@ -123,8 +123,9 @@ def _eval_steps(workdir: str, every: int, num_steps: int) -> list[int]:
 
 
 def pretrained_model_config(path: str):
-  """config.model of a gpt_jax workdir / params export / step dir, or of a Hugging Face GPT-2 folder."""
-  p = Path(path).expanduser().absolute()
+  """config.model of a gpt_jax workdir / params export / step dir (local or gs://), or of a
+  Hugging Face GPT-2 folder."""
+  p = _pretrained_path(path)
   if not p.exists():
     raise UserError(f"config.finetune.pretrained={path!r} does not exist")
   if checkpoint.is_hf_dir(p):
@@ -134,8 +135,12 @@ def pretrained_model_config(path: str):
   return checkpoint._run_config(checkpoint._abs(str(p))).model
 
 
+def _pretrained_path(path: str):
+  return checkpoint._abs(checkpoint.run_dir(path, "config.finetune.pretrained"))
+
+
 def pretrained_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
-  p = Path(path).expanduser().absolute()
+  p = _pretrained_path(path)
   if checkpoint.is_hf_dir(p):
     return tokenizer_lib.from_hf_dir(str(p))
   for d in (p / "tokenizer", p.parent.parent / "tokenizer"):

@@ -242,7 +242,7 @@ def prepare_workdir(config, workdir: str) -> None:
       raise UserError(
         f"workdir {workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir"
       )
-    path.rename(root / (checkpoint.CONFIG_FILE + ".previous"))
+    path.replace(root / (checkpoint.CONFIG_FILE + ".previous"))
   checkpoint.write_config_file(path, config)
 
 

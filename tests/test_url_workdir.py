@@ -15,6 +15,7 @@ import threading
 import time
 
 import fsspec
+import jax
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
@@ -85,12 +86,12 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_
   # The memory-mapped token cache and the compilation cache stay on this host.
   local = tmp_path / "cache" / "gpt_jax" / "gs" / "bkt" / "runs" / "a"
   assert list((local / "data" / "tokens").glob("*/header.json"))
-  assert (local / "jax_cache").is_dir()
+  assert jax.config.jax_compilation_cache_dir == str(local / "jax_cache")
   assert not (run / "data").exists() and not (run / "jax_cache").exists()
   assert first["step"] == 4
 
   # A preempted job comes back on another VM: nothing local survives (but the
-  # folder of the compilation cache, which this process set up once).
+  # folder of the compilation cache, which JAX sets up once per process).
   shutil.rmtree(tmp_path / "cache")
   (local / "jax_cache").mkdir(parents=True)
   debug_config.train.num_steps = 6
@@ -102,12 +103,27 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_
   # Sampling / evaluation load the model and the tokenizer from the bucket.
   model_cfg, params, tok = checkpoint.load_for_inference("gs://bkt/runs/a")
   assert model_cfg.d_model == debug_config.model.d_model and tok.vocab_size <= model_cfg.vocab_size
+  # Fine-tuning (in a local folder) starts from it.
+  assert finetune.pretrained_model_config("gs://bkt/runs/a").d_model == debug_config.model.d_model
+  assert finetune.pretrained_tokenizer("gs://bkt/runs/a").fingerprint == tok.fingerprint
   # Export to a Hugging Face folder, tokenizer files included.
   convert._export("gs://bkt/runs/a", str(tmp_path / "hf"), None)
   assert json.loads((tmp_path / "hf" / "vocab.json").read_text(encoding="utf-8")) == json.loads(
     (run / "tokenizer" / "vocab.json").read_text(encoding="utf-8")
   )
   assert convert.from_hf(str(tmp_path / "hf"))[0].d_model == debug_config.model.d_model
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_every_start_keeps_the_previous_config(debug_config, bucket, tmp_path, where):
+  workdir = "gs://bkt/w" if where == "bucket" else str(tmp_path / "w")
+  folder = bucket / "bkt" / "w" if where == "bucket" else tmp_path / "w"
+  for steps in (3, 4, 5):
+    debug_config.train.num_steps = steps
+    train.prepare_workdir(debug_config, workdir)
+  assert json.loads((folder / "config.json").read_text())["train"]["num_steps"] == 5
+  assert json.loads((folder / "config.json.previous").read_text())["train"]["num_steps"] == 4
+  assert sorted(p.name for p in folder.iterdir()) == ["config.json", "config.json.previous"]
 
 
 def test_metrics_mirror_pulls_history_and_pushes_only_changes(bucket):
