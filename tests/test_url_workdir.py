@@ -1,11 +1,9 @@
 """Run directories given as URLs (gs://BUCKET/PATH).
 
-No bucket is reachable here, so a fake "gs" filesystem maps gs://... onto a
-local folder: fsspec (what etils.epath uses for gs:// without TensorFlow)
-gets a LocalFileSystem that rewrites the URL, and Orbax, which reaches a real
-bucket through tensorstore, gets the same folder through checkpoint._abs.
-Everything else (config, tokenizer, metrics, TensorBoard, the host-local
-token and compilation caches) takes the code path a real bucket takes.
+No bucket is reachable here: tests/fake_gcs.py maps gs://... onto a local
+folder, for etils.epath (fsspec) and for Orbax. Everything else (config,
+tokenizer, metrics, TensorBoard, the host-local token and compilation
+caches) takes the code path a real bucket takes.
 """
 
 import json
@@ -14,31 +12,14 @@ import shutil
 import threading
 import time
 
-import fsspec
+import fake_gcs
 import jax
 import pytest
 from etils import epath
-from etils.epath import backend as epath_backend
-from fsspec.implementations.local import LocalFileSystem
 
 from gpt_jax import checkpoint, convert, data, finetune, metrics, train
 from gpt_jax import config as config_lib
 from gpt_jax.config import UserError
-
-
-class _FakeGCS(LocalFileSystem):
-  protocol = ("gs", "gcs")
-  root = ""
-
-  def __init__(self, *args, **kwargs):  # gcsfs options (finalize_on_close=...) mean nothing here.
-    super().__init__()
-
-  @classmethod
-  def _strip_protocol(cls, path):
-    path = os.fspath(path)
-    if path.startswith(("gs://", "gcs://")):
-      path = os.path.join(cls.root, path.split("://", 1)[1])
-    return super()._strip_protocol(path)
 
 
 @pytest.fixture
@@ -46,21 +27,11 @@ def bucket(tmp_path, monkeypatch):
   """A fake gs:// under tmp_path/gcs; the host-local caches under tmp_path/cache."""
   root = tmp_path / "gcs"
   root.mkdir()
-  monkeypatch.setattr(_FakeGCS, "root", str(root))
-  for name in ("gs", "gcs"):
-    fsspec.register_implementation(name, _FakeGCS, clobber=True)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  real_abs = checkpoint._abs
-
-  def orbax_abs(path):
-    p = str(path)
-    return real_abs(os.path.join(root, p[len("gs://") :]) if p.startswith("gs://") else p)
-
-  monkeypatch.setattr(checkpoint, "_abs", orbax_abs)
   monkeypatch.chdir(tmp_path)
+  uninstall = fake_gcs.install(str(root))
   yield root
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  uninstall()
 
 
 def _steps(path):
@@ -210,3 +181,31 @@ def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, mon
   for t in threads:
     t.join()
   assert len(builds) == 1 and len(got) == 3 and len(set(map(str, got))) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_a_bucket(tmp_path):
+  """Process 1 waits for the tokenizer in the bucket; the two share this host's token cache."""
+  from test_distributed import cpu_env, free_port, main_command, run_processes, tail
+
+  root = tmp_path / "gcs"
+  root.mkdir()
+  env = fake_gcs.subprocess_env(cpu_env(2), root, tmp_path / "site")
+  env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+  port = free_port()
+  cmds = [
+    main_command(
+      "gs://bkt/run", tmp_path / "jax_cache", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+      f"--process_id={i}",
+    )
+    for i in range(2)
+  ]  # fmt: skip
+  logs = [tmp_path / f"p{i}.log" for i in range(2)]
+  assert run_processes(cmds, env, logs) == [0, 0], "\n\n".join(tail(log) for log in logs)
+  run = root / "bkt" / "run"
+  assert _train_steps(run / "metrics.jsonl") == [1, 2, 3]
+  assert {"2", "3"} <= {p.name for p in (run / "checkpoints").iterdir()}
+  assert (run / "tokenizer" / "gpt_jax_tokenizer.json").is_file() and not (run / "data").exists()
+  local = tmp_path / "cache" / "gpt_jax" / "gs" / "bkt" / "run" / "data" / "tokens"
+  assert len(list(local.glob("*/header.json"))) == 1
+  assert not [p for p in local.iterdir() if ".tmp-" in p.name]
