@@ -162,13 +162,17 @@ def is_hf_dir(path) -> bool:
 
 
 def _latest_step_dir(path: epath.Path):
-  """A workdir's newest finalised checkpoint step directory, or `path` itself."""
+  """A workdir's newest finalised checkpoint step directory, or `path` itself (a step directory)."""
   if (path / "state").exists():
     return path
   ckpt_dir = path / "checkpoints"
   if not ckpt_dir.exists():
     return None
-  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+  # In a bucket a save in progress (or killed) is already named <step>/ and
+  # lacks only its commit marker: Orbax says which are finished.
+  steps = sorted(
+    int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and ocp.step.is_path_finalized(p)
+  )
   return ckpt_dir / str(steps[-1]) if steps else None
 
 

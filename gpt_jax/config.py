@@ -100,7 +100,26 @@ def run_dir(path, flag: str = "--workdir") -> str:
     raise UserError(f"{flag}={p}: unsupported URL scheme {scheme}:// (use a local path or {known})")
   if not parts or any(x in (".", "..") for x in parts):
     raise UserError(f"{flag}={p}: expected {scheme}://BUCKET/PATH without '.' or '..' parts")
+  _setup_bucket_io(flag)
   return f"{scheme}://{'/'.join(parts)}"
+
+
+@functools.cache
+def _setup_bucket_io(flag: str) -> None:
+  """Once, before the first bucket access: gcsfs must be there, and must not
+  cache listings (it keeps them for good, and other processes write the
+  same folders: a waiting process would never see their files)."""
+  import importlib.util
+
+  import fsspec
+
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+  try:
+    fsspec.get_filesystem_class("gcs")
+  except (ImportError, ValueError):
+    if importlib.util.find_spec("tensorflow") is None:  # etils.epath's other way to a bucket.
+      raise UserError(f"{flag}: a gs:// path needs gcsfs: pip install -r requirements-gcs.txt") from None
 
 
 def local_dir(url: str, *names: str) -> str:

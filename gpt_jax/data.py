@@ -132,13 +132,14 @@ def prepare_cache(config, tokenizer, workdir: str, *, process_index: int = 0) ->
   """The token cache of config.data for tokenizer, built once on first use.
 
   In a workdir on a shared filesystem process 0 builds it and the others wait.
-  A URL workdir (gs://...) keeps it on each host's disk: there the first
-  process of each host to take the folder's lock builds it.
+  With a URL workdir (gs://...) no disk is assumed shared: the first process
+  of each host to take the folder's lock builds it (racing hosts on a shared
+  data.data_dir each publish a complete copy; one is kept).
   """
   directory = cache_dir(config, workdir)
   header_path = directory / "header.json"
   if not header_path.exists():
-    if config_lib.is_url(workdir) and not config.data.data_dir:
+    if config_lib.is_url(workdir):  # No shared disk assumed: each host builds its own.
       with _host_lock(directory):
         if not header_path.exists():
           _build_cache(config, tokenizer, workdir, directory)

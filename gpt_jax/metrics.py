@@ -97,8 +97,9 @@ class MetricsWriter:
   """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0.
 
   In a URL workdir (gs://...) these files, and a profile, are written under
-  `config.local_dir(workdir)` and copied to the workdir every `upload_every_s`
-  seconds and on close (a bucket object cannot be appended to).
+  `config.local_dir(workdir)` and copied to the workdir on close and by the
+  first write at least `upload_every_s` seconds after the previous copy (a
+  bucket object cannot be appended to).
   """
 
   def __init__(
@@ -144,7 +145,7 @@ class MetricsWriter:
     if self._mirror and self._mirror.due():
       if self._tb is not None:
         self._tb.flush()
-      self._mirror.push()
+      self._upload()
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -152,7 +153,16 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
     if self._mirror and self.enabled:
+      self._upload()
+
+  def _upload(self) -> None:
+    """A failed upload is logged, not raised: training goes on, and the next upload retries."""
+    try:
       self._mirror.push()
+    except Exception as e:  # noqa: BLE001 - any storage error
+      logging.error(
+        "could not copy run files to %s (%s: %s); retrying later", self._mirror.url, type(e).__name__, e
+      )
 
 
 class RunFileMirror:

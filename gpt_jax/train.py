@@ -250,8 +250,8 @@ def enable_compilation_cache(config, workdir: str) -> None:
   where = config.train.compilation_cache_dir
   if where == "none":
     return
-  if not where and config_lib.is_url(workdir):  # On this host's disk: every compile reads it.
-    where = config_lib.local_dir(workdir, "jax_cache")
+  # Also in a bucket (JAX opens gs:// through epath): only process 0 writes
+  # entries, and a cache there serves every host.
   where = where or os.path.join(workdir, "jax_cache")
   jax.config.update("jax_compilation_cache_dir", where)
   # Cache every compile: even the small CPU programs take seconds to build.
@@ -394,21 +394,23 @@ def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
       make_eval_step(task.loss_fn), in_shardings=(shardings.params, sharding.batch_sharding(mesh))
     )
     writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, start_step=int(state.step))
-    final = _loop(
-      config,
-      workdir,
-      task,
-      state,
-      step_fn,
-      eval_fn,
-      manager,
-      writer,
-      mesh,
-      tokens_per_step=tokens_per_step,
-      flops_per_step=flops_tok * tokens_per_step,
-      peak=peak,
-    )
-    writer.close()
+    try:
+      final = _loop(
+        config,
+        workdir,
+        task,
+        state,
+        step_fn,
+        eval_fn,
+        manager,
+        writer,
+        mesh,
+        tokens_per_step=tokens_per_step,
+        flops_per_step=flops_tok * tokens_per_step,
+        peak=peak,
+      )
+    finally:  # Also after an error: its records are the ones worth reading (and uploading).
+      writer.close()
     manager.wait_until_finished()
     manager.close()
     if hasattr(task.train_iter, "close"):  # grain worker processes and their shared memory.

@@ -6,6 +6,7 @@ tokenizer, metrics, TensorBoard, the host-local token and compilation
 caches) takes the code path a real bucket takes.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +14,9 @@ import threading
 import time
 
 import fake_gcs
+import fsspec
 import jax
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
@@ -43,10 +46,14 @@ def _train_steps(path):
   return [r["step"] for r in map(json.loads, open(path)) if "loss" in r]
 
 
-def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_config, bucket, tmp_path):
+def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(
+  debug_config, bucket, tmp_path, monkeypatch
+):
   debug_config.train.num_steps = 4
   debug_config.checkpoint.every_steps = 2
   debug_config.eval.every_steps = 0
+  # JAX sets its cache up once per process: a bucket one would outlive the fake.
+  debug_config.train.compilation_cache_dir = str(tmp_path / "jax_cache")
   first = train.run(debug_config, "gs://bkt/runs/a/")
   run = bucket / "bkt" / "runs" / "a"
   assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 4
@@ -54,24 +61,30 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
   assert _train_steps(run / "metrics.jsonl") == [1, 2, 3, 4]
   assert any(f.name.startswith("events.out.tfevents") for f in (run / "tensorboard").iterdir())
-  # The memory-mapped token cache and the compilation cache stay on this host.
+  # The memory-mapped token cache stays on this host.
   local = tmp_path / "cache" / "gpt_jax" / "gs" / "bkt" / "runs" / "a"
   assert list((local / "data" / "tokens").glob("*/header.json"))
-  assert jax.config.jax_compilation_cache_dir == str(local / "jax_cache")
-  assert not (run / "data").exists() and not (run / "jax_cache").exists()
+  assert not (run / "data").exists()
   assert first["step"] == 4
 
-  # A preempted job comes back on another VM: nothing local survives (but the
-  # folder of the compilation cache, which JAX sets up once per process).
+  # A preempted job comes back on another VM: nothing local survives.
   shutil.rmtree(tmp_path / "cache")
-  (local / "jax_cache").mkdir(parents=True)
   debug_config.train.num_steps = 6
   assert train.run(debug_config, "gs://bkt/runs/a")["step"] == 6
   assert _train_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
   assert {"4", "6"} <= {p.name for p in (run / "checkpoints").iterdir()}
   assert (run / "config.json.previous").is_file()
 
-  # Sampling / evaluation load the model and the tokenizer from the bucket.
+  # Sampling / evaluation load the model and the tokenizer from the bucket,
+  # passing over a save in progress: in a bucket it is named <step>/ already,
+  # and only Orbax's commit marker says it is unfinished.
+  (run / "checkpoints" / "8" / "state").mkdir(parents=True)
+  real = ocp.step.is_path_finalized
+
+  def unfinished_8(p, **kw):
+    return epath.Path(p).name != "8" and real(p, **kw)
+
+  monkeypatch.setattr(ocp.step, "is_path_finalized", unfinished_8)
   model_cfg, params, tok = checkpoint.load_for_inference("gs://bkt/runs/a")
   assert model_cfg.d_model == debug_config.model.d_model and tok.vocab_size <= model_cfg.vocab_size
   # Fine-tuning (in a local folder) starts from it.
@@ -83,6 +96,15 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(debug_
     (run / "tokenizer" / "vocab.json").read_text(encoding="utf-8")
   )
   assert convert.from_hf(str(tmp_path / "hf"))[0].d_model == debug_config.model.d_model
+
+
+def test_a_bucket_workdir_keeps_its_compilation_cache_there(debug_config):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    train.enable_compilation_cache(debug_config, "gs://bkt/run")
+    assert jax.config.jax_compilation_cache_dir == "gs://bkt/run/jax_cache"  # Shared by every host.
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
@@ -136,11 +158,44 @@ def test_bad_urls_are_refused(url, message):
     config_lib.run_dir(url)
 
 
-def test_run_dir_and_local_dir(monkeypatch, tmp_path):
+def test_run_dir_and_local_dir(bucket, monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   assert config_lib.run_dir("gs://b//x/y/") == "gs://b/x/y"
   assert config_lib.run_dir("rel") == os.path.abspath("rel")
   assert config_lib.local_dir("gs://b/x/", "data") == str(tmp_path / "gpt_jax" / "gs" / "b" / "x" / "data")
+
+
+def test_a_bucket_without_gcsfs_is_one_line(monkeypatch):
+  def no_gcsfs(protocol):
+    raise ImportError("Install gcsfs to access Google Storage")
+
+  monkeypatch.setattr(fsspec, "get_filesystem_class", no_gcsfs)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  config_lib._setup_bucket_io.cache_clear()
+  with pytest.raises(UserError, match="--workdir: a gs:// path needs gcsfs: pip install -r requirements-gcs"):
+    config_lib.run_dir("gs://bkt/run")
+  config_lib._setup_bucket_io.cache_clear()
+
+
+def test_a_failed_upload_is_logged_and_training_goes_on(bucket, monkeypatch, caplog):
+  def fail(self):
+    raise OSError("503 Service Unavailable")
+
+  monkeypatch.setattr(metrics.RunFileMirror, "push", fail)
+  w = metrics.MetricsWriter("gs://bkt/u", tensorboard=False, upload_every_s=0)
+  w.write(1, {"loss": 2.0})
+  w.close()
+  assert "could not copy run files to gs://bkt/u (OSError: 503 Service Unavailable)" in caplog.text
+
+
+def test_bucket_listings_are_not_cached(bucket):
+  """gcsfs would keep every listing for good and hide what other processes write."""
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.pop(protocol, None)
+  config_lib._setup_bucket_io.cache_clear()
+  config_lib.run_dir("gs://bkt/run")
+  assert fsspec.config.conf["gcs"]["use_listings_cache"] is False
+  assert fsspec.config.conf["gs"]["use_listings_cache"] is False
 
 
 def test_data_dir_url_is_refused(debug_config):
@@ -157,8 +212,11 @@ def test_finetuning_refuses_a_url_workdir(bucket):
   assert not (bucket / "bkt").exists()
 
 
-def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, monkeypatch):
-  """Processes of one host share the local cache of a URL workdir: one builds, the rest wait."""
+@pytest.mark.parametrize("data_dir", ["", "local"])
+def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, monkeypatch, tmp_path, data_dir):
+  """With a URL workdir each host builds the token cache (in local_dir or data.data_dir): of the
+  processes of one host, one builds and the rest wait, whatever their process index."""
+  debug_config.data.data_dir = str(tmp_path / "data") if data_dir else ""
   builds = []
 
   def slow_build(config, tokenizer, workdir, directory):
