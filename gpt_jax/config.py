@@ -84,9 +84,9 @@ def is_url(path) -> bool:
 def run_dir(path, flag: str = "--workdir") -> str:
   """A run directory: a URL (gs://BUCKET/PATH) as given, a local path made absolute.
 
-  A URL is read and written through etils.epath and Orbax; whatever must be
-  on a local disk (the token cache, the compilation cache) goes to
-  `local_dir(url)` on each host instead.
+  A URL is read and written through etils.epath and Orbax; what must be on
+  a local disk (the memory-mapped token cache; metrics before their upload)
+  goes to `local_dir(url)` on each host instead.
   """
   p = str(path)
   if not p.strip():

@@ -497,6 +497,9 @@ def main(argv) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for flag in ("hf_dir", "out", "to_hf"):
+    if f[flag].value and config_lib.is_url(f[flag].value):  # Only --ckpt may be in a bucket.
+      raise config_lib.UserError(f"--{flag}={f[flag].value}: must be a local folder")
   if f.hf_dir and f.out and not (f.ckpt or f.to_hf):
     _import(f.hf_dir, f.out, f.scan_layers)
   elif f.ckpt and f.to_hf and not (f.hf_dir or f.out):

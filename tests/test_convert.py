@@ -265,3 +265,7 @@ def test_cli_round_trip(hf_model, tmp_path):
   # Refuses to overwrite, with one line on stderr and exit code 2.
   r = run(f"--ckpt={ckpt}", f"--to_hf={out}")
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refusing to overwrite" in r.stderr, r.stderr
+  # Only the checkpoint may be in a bucket; nothing is written for a URL output.
+  r = run(f"--ckpt={ckpt}", "--to_hf=gs://bkt/hf")
+  assert r.returncode == 2 and r.stderr == "error: --to_hf=gs://bkt/hf: must be a local folder\n", r.stderr
+  assert not (ROOT / "gs:").exists()
