@@ -152,6 +152,27 @@ def prepare_cache(config, tokenizer, workdir: str, *, process_index: int = 0) ->
   return TokenCache(directory, header)
 
 
+def check_same_on_every_process(cache: TokenCache) -> None:
+  """Every process must read the same token streams, or their window counts,
+  and so their collectives, differ. Hosts of a bucket run each tokenise
+  their own copy of the data: compare what they made (all processes raise)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return
+  made = {"splits": cache.header["splits"], "tokenizer": cache.header["tokenizer_fingerprint"]}
+  digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).digest()[:16]
+  every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.int32)))
+  differs = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+  if differs:
+    tokens = {split: v["tokens"] for split, v in made["splits"].items()}
+    raise UserError(
+      f"processes {differs} tokenised other data than process 0 (this is process {jax.process_index()}: "
+      f"{tokens} tokens in {cache.directory}); every host must see the same data.* settings and files"
+    )
+
+
 @contextlib.contextmanager
 def _host_lock(directory: Path):
   """An exclusive lock on `directory` among the processes of this host."""

@@ -574,6 +574,7 @@ def pretrain_task(config, workdir: str, mesh) -> Task:
     batch_size=eval_bs,
     num_batches=config.eval.num_batches,
   )
+  data.check_same_on_every_process(data.prepare_cache(config, tok, workdir, process_index=pi))
 
   extra_eval = None
   if config.eval.tasks:

@@ -241,10 +241,9 @@ def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, mon
   assert len(builds) == 1 and len(got) == 3 and len(set(map(str, got))) == 1
 
 
-@pytest.mark.slow
-def test_two_processes_train_in_a_bucket(tmp_path):
-  """Process 1 waits for the tokenizer in the bucket; the two share this host's token cache."""
-  from test_distributed import cpu_env, free_port, main_command, run_processes, tail
+def _two_processes_in_a_bucket(tmp_path, *extra):
+  """Runs configs/debug.py as two processes on gs://bkt/run; returns (exit codes, logs, bucket root)."""
+  from test_distributed import cpu_env, free_port, main_command, run_processes
 
   root = tmp_path / "gcs"
   root.mkdir()
@@ -254,12 +253,21 @@ def test_two_processes_train_in_a_bucket(tmp_path):
   cmds = [
     main_command(
       "gs://bkt/run", tmp_path / "jax_cache", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-      f"--process_id={i}",
+      f"--process_id={i}", *extra[i],
     )
     for i in range(2)
   ]  # fmt: skip
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  assert run_processes(cmds, env, logs) == [0, 0], "\n\n".join(tail(log) for log in logs)
+  return run_processes(cmds, env, logs, timeout=300), logs, root
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_a_bucket(tmp_path):
+  """Process 1 waits for the tokenizer in the bucket; the two share this host's token cache."""
+  from test_distributed import tail
+
+  codes, logs, root = _two_processes_in_a_bucket(tmp_path, [], [])
+  assert codes == [0, 0], "\n\n".join(tail(log) for log in logs)
   run = root / "bkt" / "run"
   assert _train_steps(run / "metrics.jsonl") == [1, 2, 3]
   assert {"2", "3"} <= {p.name for p in (run / "checkpoints").iterdir()}
@@ -267,3 +275,18 @@ def test_two_processes_train_in_a_bucket(tmp_path):
   local = tmp_path / "cache" / "gpt_jax" / "gs" / "bkt" / "run" / "data" / "tokens"
   assert len(list(local.glob("*/header.json"))) == 1
   assert not [p for p in local.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_processes_that_tokenised_different_data_stop_with_one_line(tmp_path):
+  """Each host of a bucket run tokenises its own copy: unequal copies are found before training."""
+  codes, logs, root = _two_processes_in_a_bucket(
+    tmp_path, ["--config.data.max_documents=40"], ["--config.data.max_documents=30"]
+  )
+  assert codes == [2, 2]
+  for log in logs:
+    text = log.read_text()  # (Gloo's own lines, unflushed, may run into it.)
+    assert text.count("error: ") == 1 and "error: processes [1] tokenised other data than process 0" in text
+  assert not (root / "bkt" / "run" / "checkpoints").exists() or not any(
+    (root / "bkt" / "run" / "checkpoints").iterdir()
+  )
