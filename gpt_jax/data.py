@@ -175,18 +175,26 @@ def check_same_on_every_process(cache: TokenCache) -> None:
 
 @contextlib.contextmanager
 def _host_lock(directory: Path):
-  """An exclusive lock on `directory` among the processes of this host."""
+  """An exclusive lock on `directory` among the processes of this host.
+
+  Where the filesystem has no locks (some network mounts), every process
+  goes ahead: each builds in its own tmp folder and publish_dir keeps one."""
   directory.parent.mkdir(parents=True, exist_ok=True)
   with open(directory.parent / f".{directory.name}.lock", "w") as f:
+    locked = True
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       logging.info("waiting for another process on this host to build %s", directory)
       fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      logging.warning("no file lock in %s (%s): building without one", directory.parent, e)
+      locked = False
     try:
       yield
     finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+      if locked:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_cache(config, tokenizer, workdir: str, directory: Path) -> None:

@@ -177,6 +177,20 @@ def test_a_bucket_without_gcsfs_is_one_line(monkeypatch):
   config_lib._setup_bucket_io.cache_clear()
 
 
+def test_a_filesystem_without_locks_still_builds_the_token_cache(debug_config, bucket, monkeypatch, tmp_path):
+  import errno
+  import fcntl
+
+  def no_locks(f, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  debug_config.data.max_documents = 20
+  tok = data.tokenizer_lib.train_bpe(["to be or not to be"] * 4, 300)
+  cache = data.prepare_cache(debug_config, tok, "gs://bkt/nolock")
+  assert cache.num_tokens("train") > 0 and (cache.directory / "header.json").is_file()
+
+
 def test_a_failed_upload_is_logged_and_training_goes_on(bucket, monkeypatch, caplog):
   def fail(self):
     raise OSError("503 Service Unavailable")
