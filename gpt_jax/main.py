@@ -12,6 +12,8 @@ from ml_collections import config_flags
 
 from gpt_jax import config as config_lib
 
+PROFILE_STEPS = 5  # Steps --profile traces when config.log.profile_steps is 0.
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Run directory, a local path or gs://BUCKET/PATH: config, tokenizer, checkpoints, metrics."
@@ -22,13 +24,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_PROFILE = flags.DEFINE_bool(
+  "profile",
+  False,
+  f"Trace config.log.profile_steps steps ({PROFILE_STEPS} if 0) with jax.profiler into <workdir>/profile.",
+)
 
 
 @config_lib.cli_main
 def main(argv):
   if len(argv) > 1:
     raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = config_lib.validate(_CONFIG.value)
+  config = _CONFIG.value
+  if _PROFILE.value and not config.log.profile_steps:
+    config.log.profile_steps = PROFILE_STEPS
+  config = config_lib.validate(config)
   logging.set_verbosity(logging.INFO)
   from gpt_jax import distributed
 

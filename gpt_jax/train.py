@@ -428,6 +428,17 @@ def check_same_shapes(params, abstract, source) -> None:
     )
 
 
+def _stop_trace(state, profile_dir):
+  """Ends the jax.profiler trace once the traced steps are done; never raises."""
+  try:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    logging.info("profile written to %s (TensorBoard's profile tab or xprof reads it)", profile_dir)
+  except Exception as e:  # noqa: BLE001 - a lost trace must not end the run or hide its error.
+    logging.warning("profile: could not finish the trace in %s: %s", profile_dir, e)
+  return None
+
+
 def _loop(
   config,
   workdir,
@@ -452,6 +463,8 @@ def _loop(
   window_t, window_steps, data_wait = time.perf_counter(), 0, 0.0
   last = {}
   profile_dir = None
+  # The trace skips the compiling first steps when the run is long enough.
+  profile_at = start + min(2, max(tc.num_steps - start - 1, 0))
 
   def settle(pending):
     step, out, index = pending
@@ -472,7 +485,7 @@ def _loop(
 
   try:
     for step in range(start, tc.num_steps):
-      if config.log.profile_steps and step == start + 2 and is_main:
+      if config.log.profile_steps and step == profile_at and is_main:
         profile_dir = os.path.join(writer.files_dir, "profile")  # A URL workdir gets a copy.
         jax.profiler.start_trace(profile_dir)
       t0 = time.perf_counter()
@@ -486,11 +499,8 @@ def _loop(
       window_steps += 1
       done = step + 1
       bar.update(1)
-      if profile_dir and done == start + 2 + config.log.profile_steps:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        logging.info("profile written to %s", profile_dir)
-        profile_dir = None
+      if profile_dir and done == profile_at + config.log.profile_steps:
+        profile_dir = _stop_trace(state, profile_dir)
 
       if done % config.log.every_steps == 0 or done == tc.num_steps:
         values = settle(pending)
@@ -541,6 +551,8 @@ def _loop(
   finally:
     bar.close()
     preempt.restore()
+    if profile_dir:  # The run ended (or stopped) inside the traced steps.
+      _stop_trace(state, profile_dir)
     manager.wait_until_finished()
   if task.finish is not None and int(state.step) >= tc.num_steps:
     task.finish(state.params)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grain
 import jax
@@ -219,6 +220,23 @@ def test_workdir_with_other_model_shape_is_refused(debug_config, tmp_path):
   assert (tmp_path / "config.json").read_text() == saved
 
 
+def _traces(workdir):
+  return sorted(str(p) for p in (Path(workdir) / "profile").rglob("*.xplane.pb"))
+
+
+def test_profile_ending_with_the_run_is_still_written(debug_config, tmp_path):
+  # 3 steps, 5 to trace from step 2: the run ends inside the trace, which must still be closed.
+  debug_config.train.num_steps = 3
+  debug_config.log.profile_steps = 5
+  debug_config.eval.every_steps = 0
+  train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
+  assert len(_traces(tmp_path)) == 1
+  # The profiler was stopped: a second run in this process can trace again.
+  debug_config.train.num_steps = 4
+  train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
+  assert len(_traces(tmp_path)) == 2
+
+
 def test_mesh_must_cover_devices(debug_config):
   debug_config.mesh.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(ConfigError, match="mesh"):
@@ -287,7 +305,11 @@ def _metrics(workdir):
 def test_sigkill_resume_is_bit_identical(tmp_path):
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
   steps = ["--config.train.num_steps=40"]  # Room to kill the run well before its end.
-  subprocess.run(_main_cmd(ref_dir, *steps), cwd=ROOT, env=_env(), check=True, capture_output=True)
+  # The reference run also traces (--profile: steps 3-7), which must not change its numbers.
+  subprocess.run(
+    _main_cmd(ref_dir, *steps, "--profile"), cwd=ROOT, env=_env(), check=True, capture_output=True
+  )
+  assert len(_traces(ref_dir)) == 1
   proc = subprocess.Popen(
     _main_cmd(run_dir, *steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
