@@ -50,8 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_pattern = ("dense",)
   m.local_window = 256
   # "xla": explicit einsum + softmax. "dot_product_attention":
-  # jax.nn.dot_product_attention (cuDNN flash attention on GPU; no attention
-  # dropout).
+  # jax.nn.dot_product_attention with the kernel JAX picks (XLA's today).
+  # "cudnn": cuDNN flash attention (NVIDIA GPUs; dtype bfloat16/float16) for
+  # training and full forwards; KV-cache decoding uses the einsums. The last
+  # two have no attention dropout.
   m.attention_impl = "xla"
   m.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
   m.param_dtype = "float32"  # Parameters (and optimiser state) stay float32.

@@ -220,7 +220,7 @@ def validate_model(m, prefix: str = "model") -> None:
     )
   _one_of(cfg, f"{prefix}.norm_position", ("pre", "post"))
   _one_of(cfg, f"{prefix}.activation", ("gelu_tanh", "gelu"))
-  _one_of(cfg, f"{prefix}.attention_impl", ("xla", "dot_product_attention"))
+  _one_of(cfg, f"{prefix}.attention_impl", ("xla", "dot_product_attention", "cudnn"))
   _one_of(cfg, f"{prefix}.dtype", DTYPE_NAMES)
   _one_of(cfg, f"{prefix}.param_dtype", DTYPE_NAMES)
   _one_of(cfg, f"{prefix}.remat", ("none", "full", "dots_saveable"))
@@ -242,12 +242,25 @@ def validate_model(m, prefix: str = "model") -> None:
     _positive_int(cfg, f"{prefix}.local_window")
     if m.local_window > m.block_size:
       _fail(f"{prefix}.local_window", m.local_window, f"must be <= {prefix}.block_size={m.block_size}")
-  if m.attention_impl == "dot_product_attention" and m.attn_dropout > 0:
+  if m.attention_impl != "xla" and m.attn_dropout > 0:
     _fail(
       f"{prefix}.attn_dropout",
       m.attn_dropout,
-      f"must be 0 with {prefix}.attention_impl='dot_product_attention' (it has no attention dropout)",
+      f"must be 0 with {prefix}.attention_impl={m.attention_impl!r} (it has no attention dropout)",
     )
+  if m.attention_impl == "cudnn":
+    # cuDNN's flash attention: 16-bit inputs, head dim a multiple of 8 and at
+    # most 256 (128 before Hopper, which JAX reports when it compiles).
+    if m.dtype not in ("bfloat16", "float16"):
+      _fail(f"{prefix}.dtype", m.dtype, f"must be bfloat16 or float16 with {prefix}.attention_impl='cudnn'")
+    head_dim = m.d_model // m.num_heads
+    if head_dim % 8 or head_dim > 256:
+      _fail(
+        f"{prefix}.num_heads",
+        m.num_heads,
+        f"gives head dim {head_dim} (d_model / num_heads); {prefix}.attention_impl='cudnn' needs a "
+        "multiple of 8, at most 256",
+      )
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

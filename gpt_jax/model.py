@@ -28,6 +28,8 @@ REMAT_POLICIES = {
 }
 # A window no sequence reaches: what a dense layer gets when windows are traced.
 _NO_WINDOW = 2**30
+# jax.nn.dot_product_attention's implementation for attention_impl="cudnn".
+CUDNN_IMPLEMENTATION = "cudnn"
 
 
 def padded_vocab_size(cfg) -> int:
@@ -185,6 +187,28 @@ def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
   return jnp.einsum(out_spec, probs_BHTS, v)
 
 
+def _cudnn_attend(q_BTHK, k_BTHK, v_BTHK, window):
+  """cuDNN flash attention over T == S positions: causal, banded to `window` keys if given."""
+  from gpt_jax.config import ConfigError
+
+  try:
+    return jax.nn.dot_product_attention(
+      q_BTHK,
+      k_BTHK,
+      v_BTHK,
+      is_causal=True,
+      local_window_size=None if window is None else (int(window) - 1, 0),
+      implementation=CUDNN_IMPLEMENTATION,
+    )
+  except RuntimeError as e:
+    if "cudnn" not in str(e).lower():
+      raise
+    raise ConfigError(
+      f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN and jax's CUDA plugin "
+      f"(pip install 'jax[cuda12]'); JAX says: {str(e).strip()} Use 'xla' or 'dot_product_attention' here"
+    ) from None
+
+
 class CausalSelfAttention(nn.Module):
   cfg: Any
   deterministic: bool
@@ -209,7 +233,7 @@ class CausalSelfAttention(nn.Module):
       k_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[0], to_cache(k_BTHK, kv[0]), end, 2)
       v_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[1], to_cache(v_BTHK, kv[1]), end, 2)
       new_kv = (k_BHSK, v_BHSK)
-      if cfg.attention_impl == "xla":
+      if cfg.attention_impl in ("xla", "cudnn"):  # cuDNN's kernels are for training-length queries.
         # Scores straight from the [B, H, S, K] cache: a batched matmul over
         # (B, H) that reads the cache in place. A [B, S, H, K] cache would be
         # transposed (copied whole) at every decoding step.
@@ -221,7 +245,13 @@ class CausalSelfAttention(nn.Module):
       k_BSHK, v_BSHK = k_BHSK.transpose(0, 2, 1, 3), v_BHSK.transpose(0, 2, 1, 3)
 
     full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
-    if cfg.attention_impl == "dot_product_attention":
+    static_window = window is None or isinstance(window, (int, np.integer))
+    # Parameters do not depend on the kernel: init traces einsums, so shapes and
+    # initial values come out on machines without cuDNN (planner, CPU loading).
+    cudnn = cfg.attention_impl == "cudnn" and not self.is_initializing()
+    if cudnn and kv is None and static_window and ctx["key_valid_BS"] is None:
+      out_BTHK = _cudnn_attend(q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window)
+    elif cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
         q_BTHK,
         k_BSHK.astype(dtype),

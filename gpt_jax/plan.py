@@ -413,6 +413,11 @@ def compile_plan(config, target: Target, devices=None) -> dict:
   """Compiles the train step for `target`; per-device memory, fit and compile time."""
   from gpt_jax import sharding
 
+  if config.model.attention_impl == "cudnn" and target.platform != "cuda":
+    raise config_lib.ConfigError(
+      f"config.model.attention_impl='cudnn' runs on NVIDIA GPUs only, not --target={target.spec}; "
+      "use 'xla' or 'dot_product_attention'"
+    )
   devices = target_devices(target) if devices is None else devices
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config)
@@ -525,6 +530,7 @@ def plan_target(config, target: Target, *, cross_check: bool = True) -> dict:
   """plan() + the compiled memory plan for target + embedding layout (+ XLA FLOPs cross-check)."""
   from gpt_jax import sharding
 
+  _prefer_cpu_backend()  # Before plan() traces the model, which starts the default backend.
   out = plan(config)
   devices = target_devices(target)
   out.update(compile_plan(config, target, devices))

@@ -92,6 +92,15 @@ def _debug(**changes):
     ({"model__scan_layers": "yes"}, "model.scan_layers"),
     ({"model__attn_dropout": 1.0}, "model.attn_dropout"),
     ({"model__attention_impl": "dot_product_attention", "model__attn_dropout": 0.1}, "model.attn_dropout"),
+    ({"model__attention_impl": "cudnn"}, "model.dtype"),  # float32: cuDNN's flash kernels are 16-bit.
+    (
+      {"model__attention_impl": "cudnn", "model__dtype": "bfloat16", "model__attn_dropout": 0.1},
+      "model.attn_dropout",
+    ),
+    (
+      {"model__attention_impl": "cudnn", "model__dtype": "bfloat16", "model__num_heads": 8},
+      "model.num_heads",
+    ),
     ({"mesh__data": -1, "mesh__fsdp": -1}, "mesh"),
     ({"mesh__tensor": 0}, "mesh.tensor"),
     ({"mesh__tensor": 3}, "mesh.tensor"),  # does not divide num_heads=4

@@ -17,6 +17,7 @@ import pytest
 from scipy.special import erf
 
 from gpt_jax import convert, model
+from gpt_jax.config import ConfigError
 
 
 def _cfg(config, **changes) -> ml_collections.ConfigDict:
@@ -242,6 +243,46 @@ def test_dot_product_attention_matches_xla(debug_config):
   )
 
 
+@pytest.mark.parametrize(
+  "changes, windows",
+  [
+    ({"attention_pattern": ("dense", "local")}, {None, 7}),  # Unrolled: dense, then banded.
+    ({"attention_pattern": ("local",), "scan_layers": True}, {7}),  # Scanned, one static window.
+    ({"attention_pattern": ("dense", "local"), "scan_layers": True}, set()),  # Traced windows: einsums.
+  ],
+  ids=["unrolled_dense_local", "scan_local", "scan_mixed_falls_back"],
+)
+def test_cudnn_attention_is_called_as_the_masks_say(debug_config, monkeypatch, changes, windows):
+  """attention_impl="cudnn" with jax's XLA kernel in place of cuDNN's (no GPU here): the causal
+  flag and the band (window 8 keys = 7 to the left) must reproduce the einsum model's logits."""
+  m = _cfg(debug_config, **changes)
+  params = _random_params(m)
+  tokens_BT = _tokens(m)
+  calls, real = [], jax.nn.dot_product_attention
+
+  def recording(*args, **kwargs):
+    assert kwargs["is_causal"] and kwargs["implementation"] == "xla"
+    left = kwargs["local_window_size"]
+    calls.append(None if left is None else left[0])
+    assert left is None or left[1] == 0
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(model, "CUDNN_IMPLEMENTATION", "xla")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  cudnn = _cfg(m, attention_impl="cudnn")
+  got = jax.jit(lambda p, t: model.GPT(cudnn).apply({"params": p}, t))(params, tokens_BT)
+  assert set(calls) == windows  # (nn.scan may trace its body more than once.)
+  np.testing.assert_allclose(got, _logits(m, params, tokens_BT), rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_without_a_gpu_is_a_config_error(debug_config):
+  m = _cfg(debug_config, attention_impl="cudnn", dtype="bfloat16")
+  params = model.abstract_params(m)  # Initialisation traces einsums: it needs no cuDNN.
+  assert params["wte"].value.shape == (m.vocab_size, m.d_model)
+  with pytest.raises(ConfigError, match=r"attention_impl='cudnn' needs an NVIDIA GPU"):
+    jax.eval_shape(lambda p, t: model.GPT(m).apply({"params": p}, t), nn.unbox(params), _tokens(m))
+
+
 def test_bfloat16_compute_is_close_to_float32(debug_config):
   m = _cfg(debug_config)
   params = _random_params(m, std=0.1)
@@ -365,8 +406,8 @@ def test_transposed_kernels_give_the_same_logits(debug_config, changes):
 
 @pytest.mark.parametrize(
   "changes",
-  [{}, {"scan_layers": True, "attention_impl": "dot_product_attention"}],
-  ids=["unrolled_xla", "scan_dot_product_attention"],
+  [{}, {"scan_layers": True, "attention_impl": "dot_product_attention"}, {"attention_impl": "cudnn"}],
+  ids=["unrolled_xla", "scan_dot_product_attention", "cudnn_decodes_with_einsums"],
 )
 def test_kv_cache_decode_matches_full_forward(debug_config, changes):
   """A 3-token prefill, a 3-token chunk, then single tokens; row 1 is left-padded by 3 slots.

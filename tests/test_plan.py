@@ -123,6 +123,16 @@ def test_cpu_plan_counts_sharded_bytes_like_the_compiler():
   assert "not representative" in p["note"]
 
 
+def test_cudnn_attention_is_planned_for_gpu_targets_only():
+  config = _fsdp_debug()
+  config.model.update(attention_impl="cudnn", dtype="bfloat16")
+  config_lib.validate(config)
+  with pytest.raises(config_lib.ConfigError, match=r"runs on NVIDIA GPUs only, not --target=cpu:8"):
+    plan.compile_plan(config, plan.parse_target("cpu:8"))
+  # Shapes and the FLOPs formula need no cuDNN.
+  assert plan.plan(config)["params"] == plan.plan(_fsdp_debug())["params"]
+
+
 def test_finetune_configs_say_what_is_planned():
   p = plan.plan(plan.load_config_file(str(ROOT / "configs" / "finetune_rte.py")))
   assert p["job_note"].startswith("job=finetune: planned as the language-model train step")
@@ -315,6 +325,16 @@ HAS_LIBTPU = bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spe
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # Its parent package ("nvidia") is missing.
+    return False
+
+
+HAS_CUDNN = HAS_CUDA_PLUGIN and _installed("nvidia.cudnn")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
   not HAS_LIBTPU, reason="libtpu not installed (pip install libtpu, or set TPU_LIBRARY_PATH)"
@@ -348,3 +368,36 @@ def test_cuda_compile_only_plan():
   p = json.loads(r.stdout)
   assert p["device_kind"] == "NVIDIA H100 80GB HBM3" and p["devices"] == 2 and p["fits"]
   assert p["argument_bytes"] >= p["params_bytes"] + p["opt_state_bytes"]
+
+
+_CUDNN_STEP = """
+import re
+from configs import debug
+from gpt_jax import config as config_lib, plan, sharding
+config = config_lib.validate(debug.get_config())
+m = config.model
+m.update(attention_impl="cudnn", dtype="bfloat16", attention_pattern=("dense", "local"), local_window=8)
+config = config_lib.validate(config)
+devices = plan.target_devices(plan.parse_target("cuda:h100:2"))
+mesh = sharding.make_mesh(config.mesh, devices)
+step, abstract, batch, _ = plan.train_program(config, mesh)
+with sharding.activate(mesh, sharding.rules(config)):
+  hlo = step.lower(abstract, batch).compile().as_text()
+print(sorted(re.findall(r'custom_call_target="(__cudnn[^"]*)"', hlo)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not HAS_CUDNN,
+  reason="jax CUDA plugin or cuDNN not installed (pip install jax-cuda12-plugin nvidia-cudnn-cu12)",
+)
+def test_cudnn_attention_compiles_to_cudnn_kernels_for_h100():
+  # The train step of a dense + local model, compiled for H100s without a GPU:
+  # each layer's attention is one cuDNN fused kernel forward and one backward.
+  r = subprocess.run(
+    [sys.executable, "-c", _CUDNN_STEP], cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  kernels = json.loads(r.stdout.strip().splitlines()[-1].replace("'", '"'))
+  assert kernels == ["__cudnn$fmhaSoftmax"] * 2 + ["__cudnn$fmhaSoftmaxBackward"] * 2
