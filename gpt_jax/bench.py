@@ -178,6 +178,29 @@ class _JaxTrainer:
 # ------------------------------------------------------------ reference
 
 
+def reference_differences(model_cfg, platform: str) -> list[str]:
+  """How transformers' GPT2LMHeadModel, run by --compare=hf_torch, differs from this model and device."""
+  from gpt_jax import model as model_lib
+
+  out = []
+  if model_cfg.norm_position == "post":
+    out.append("this model is post-LN (GPT-1), transformers' GPT-2 pre-LN")
+  if any(w is not None for w in model_lib.layer_windows(model_cfg)):
+    out.append("this model has locally banded layers, transformers' GPT-2 attends densely")
+  rows = model_lib.padded_vocab_size(model_cfg)
+  if rows != model_cfg.vocab_size:
+    out.append(f"this model's embedding has {rows} rows (vocab padded), transformers' {model_cfg.vocab_size}")
+  return out + _device_difference(platform)
+
+
+def _device_difference(platform: str) -> list[str]:
+  return (
+    []
+    if platform == "cpu"
+    else [f"transformers runs on this host's CPU (CPU torch), this model on {platform}"]
+  )
+
+
 class _TorchTrainer:
   """transformers GPT2LMHeadModel doing the same work: forward, backward, clip, AdamW."""
 
@@ -288,6 +311,7 @@ def bench_train(
   if compare == "hf_torch":
     ref = _TorchTrainer(config, threads)
     result["torch_threads"] = threads
+    result["hf_torch_differs"] = reference_differences(config.model, devices[0].platform)
 
   ours.run(warmup)
   if ref is not None:
@@ -359,6 +383,7 @@ def format_train(r: dict) -> str:
       f"MFU {100 * r['hf_torch_mfu']:.1f}%",
       f"speed-up vs transformers: {r['speedup_vs_hf_torch']:.2f}x",
     ]
+    lines += [f"note: {d}" for d in r.get("hf_torch_differs", [])]
   return "\n".join(lines)
 
 
@@ -508,6 +533,10 @@ def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1,
     threads=threads or os.cpu_count(),
   )
   result = {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), "load_average_start": load, **figures}
+  if compare:
+    import jax
+
+    result["hf_torch_differs"] = _device_difference(jax.devices()[0].platform)
   # The weights come from a transformers model built in this process, compared or not.
   held = "the transformers model that supplies the weights"
   held += " and generates for --compare" if compare else ""

@@ -39,6 +39,17 @@ def test_train_benchmark_against_transformers_is_self_consistent():
   assert r["loss_last_call"] < r["loss_first_call"]
   text = bench.format_train(r)
   assert "speed-up vs transformers" in text and "MFU" in text
+  assert r["hf_torch_differs"] == [] and "note:" not in text  # debug.py: GPT-2's architecture, on CPU.
+
+
+def test_train_comparison_says_where_transformers_differs():
+  m = config_lib.validate(debug.get_config()).model
+  assert bench.reference_differences(m, "cpu") == []
+  m.update(norm_position="post", attention_pattern=("dense", "local"), vocab_pad_multiple=128)
+  notes = bench.reference_differences(m, "gpu")
+  assert len(notes) == 4
+  assert "post-LN" in notes[0] and "locally banded" in notes[1] and "384 rows" in notes[2]
+  assert notes[3] == "transformers runs on this host's CPU (CPU torch), this model on gpu"
 
 
 def test_sample_benchmark_wires_the_shape_through():
@@ -53,6 +64,7 @@ def test_sample_benchmark_wires_the_shape_through():
     log=lambda s: None,
   )
   assert r["benchmark"] == "sample" and r["model"].startswith("2x32") and r["repeats"] == 3
+  assert r["hf_torch_differs"] == []  # Both on this CPU.
   assert any(k.startswith("b2_") and "transformers" in k for k in r)
   # Tokens/s, time per step and bandwidth share are the same median call.
   for who in ("b2_greedy", "b2_topk_transformers"):
