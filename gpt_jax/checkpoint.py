@@ -64,7 +64,27 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------- training state
 
 
+# Orbax writes a replicated jax.Array in slices, one per replica, each cut by
+# an eager jax slice that compiles once per shape and device set: on a host
+# with several devices, seconds of compiles for a model's dozens of small
+# arrays (biases, LayerNorm gains), whose write that cannot speed up. Only
+# slices of at least this many bytes are written in parallel.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 4 * 2**20
+
+
+def _register_array_handler() -> None:
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(default, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_SLICE_BYTES:
+    return
+  handler = ocp.type_handlers.ArrayHandler(
+    array_metadata_store=getattr(default, "_array_metadata_store", None),
+    min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+  )
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def make_manager(workdir, config) -> ocp.CheckpointManager:
+  _register_array_handler()
   options = ocp.CheckpointManagerOptions(
     max_to_keep=config.checkpoint.keep,
     enable_async_checkpointing=config.checkpoint.async_save,
