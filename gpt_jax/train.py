@@ -211,11 +211,18 @@ def _new_state(params, tx, seed):
   )
 
 
+# The initialisation runs once: on CPU, LLVM's -O0 compiles its many random
+# draws in a quarter of the time (3.6 s -> 0.9 s for the 2-layer debug model).
+_CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_state(task: Task, tx, shardings, seed: int, params=None):
   """Initialised directly into its shardings (no host copy of the full model)."""
   if params is None:
     init = lambda: _new_state(task.init_params(jax.random.key(seed)), tx, seed)
-    return jax.jit(init, out_shardings=shardings)()
+    lowered = jax.jit(init, out_shardings=shardings).lower()
+    on_cpu = all(d.platform == "cpu" for d in jax.tree.leaves(shardings)[0].device_set)
+    return lowered.compile(compiler_options=_CPU_INIT_COMPILER_OPTIONS if on_cpu else None)()
   return jax.jit(
     lambda p: _new_state(p, tx, seed), in_shardings=(shardings.params,), out_shardings=shardings
   )(params)
