@@ -80,7 +80,12 @@ def _register_array_handler() -> None:
     array_metadata_store=getattr(default, "_array_metadata_store", None),
     min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
   )
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about every override.
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def make_manager(workdir, config) -> ocp.CheckpointManager:
