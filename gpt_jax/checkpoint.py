@@ -67,7 +67,7 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # Orbax writes a replicated jax.Array in slices, one per replica, each cut by
 # an eager jax slice that compiles once per shape and device set: on a host
 # with several devices, seconds of compiles for a model's dozens of small
-# arrays (biases, LayerNorm gains), whose write that cannot speed up. Only
+# arrays (biases, LayerNorm gains), whose writes gain nothing from it. Only
 # slices of at least this many bytes are written in parallel.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 4 * 2**20
 
