@@ -72,10 +72,14 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 4 * 2**20
 
 
+_array_handler_registered = False
+
+
 def _register_array_handler() -> None:
-  default = ocp.type_handlers.get_type_handler(jax.Array)
-  if getattr(default, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_SLICE_BYTES:
+  global _array_handler_registered
+  if _array_handler_registered:
     return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
   handler = ocp.type_handlers.ArrayHandler(
     array_metadata_store=getattr(default, "_array_metadata_store", None),
     min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
@@ -86,6 +90,7 @@ def _register_array_handler() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   finally:
     logging.set_verbosity(verbosity)
+  _array_handler_registered = True
 
 
 def make_manager(workdir, config) -> ocp.CheckpointManager:
