@@ -191,7 +191,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ------------------------------------------------------------- finetune
   # GPT-1 task fine-tuning and DialoGPT (job="finetune"; gpt_jax/finetune.py).
   f = c.finetune = ml_collections.ConfigDict()
-  # BEGIN finetune fields (owned by gpt_jax/finetune.py)
+  # BEGIN finetune fields (validated by gpt_jax/finetune_data.py, used by gpt_jax/finetune.py)
   # GPT-1 §3.3 input transforms: "classification" (start text extract),
   # "entailment" (start premise delim hypothesis extract), "similarity" (both
   # orders, extract states added), "multiple_choice" (start context delim

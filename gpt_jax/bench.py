@@ -4,8 +4,8 @@
       --config.model.dtype=float32 --config.train.batch_size=4 --config.train.seq_len=256 --compare=hf_torch
   python -m gpt_jax.bench sample --config=configs/gpt2_small.py --config.model.num_layers=6 --compare=hf_torch
 
-`train` compiles the real train step (gpt_jax.plan.train_program: the
-shardings, donation and accumulation of train.run) on all devices, warms
+`train` compiles the real train step (pretrain.train_program: train.build,
+the shardings, donation and accumulation of train.run) on all devices, warms
 up, then times steps one by one with block_until_ready: tokens/s, step time
 (median and spread), MFU by the PaLM formula against the device's peak
 (accelerators: config.log.peak_flops or the known bf16 peak) or, on CPU, a
@@ -30,12 +30,15 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
+from gpt_jax import cli, hf, metrics, pretrain, sample, sharding, train
 from gpt_jax import config as config_lib
-from gpt_jax.config import UserError
+from gpt_jax import model as model_lib
+from gpt_jax.errors import UserError
 
 
 def _stats(seconds: list[float]) -> dict:
@@ -53,7 +56,6 @@ def _stats(seconds: list[float]) -> dict:
 def _peak_memory(torch_part: str = "") -> tuple[float, str]:
   """Peak memory and what it counts; `torch_part` names what torch holds in this
   process, which a process-wide figure includes (a device's figure does not)."""
-  import jax
 
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -141,19 +143,15 @@ class _JaxTrainer:
   """The compiled train step on real (random) parameters and a fixed random batch."""
 
   def __init__(self, config):
-    import jax
 
-    from gpt_jax import optim, plan, sharding, train
-
-    self.jax = jax
     mesh = sharding.make_mesh(config.mesh)
     with sharding.activate(mesh, sharding.rules(config)):
-      step, abstract, batch, task = plan.train_program(config, mesh)
-      shardings = jax.tree.map(lambda x: x.sharding, abstract)
+      program, batch, task = pretrain.train_program(config, mesh)
+      abstract = program.abstract
       start = time.perf_counter()
-      self.step = step.lower(abstract, batch).compile()
+      self.step = program.step.lower(abstract, batch).compile()
       self.compile_seconds = time.perf_counter() - start
-      self.state = train.init_state(task, optim.make_optimizer(config), shardings, config.train.seed)
+      self.state = train.init_state(task, program.tx, program.shardings, config.train.seed)
     rng = np.random.default_rng(0)
     shape = batch["tokens"].shape
     tokens = rng.integers(0, config.model.vocab_size, shape, dtype=np.int32)
@@ -166,7 +164,7 @@ class _JaxTrainer:
     for _ in range(n):
       t = time.perf_counter()
       self.state, out = self.step(self.state, self.batch)
-      self.jax.block_until_ready((self.state, out))
+      jax.block_until_ready((self.state, out))
       times.append(time.perf_counter() - t)
     if out is not None:  # n = 0 (no warm-up) runs nothing.
       self.last_loss = float(out["loss"])
@@ -180,8 +178,6 @@ class _JaxTrainer:
 
 def reference_differences(model_cfg, platform: str) -> list[str]:
   """How transformers' GPT2LMHeadModel, run by --compare=hf_torch, differs from this model and device."""
-  from gpt_jax import model as model_lib
-
   out = []
   if model_cfg.norm_position == "post":
     out.append("this model is post-LN (GPT-1), transformers' GPT-2 pre-LN")
@@ -276,9 +272,6 @@ def bench_train(
   `steps` timed steps in all, split over `rounds` as evenly as they go (the
   first `steps % rounds` rounds take one more), after `warmup` untimed ones."""
   check_train_args(steps=steps, warmup=warmup, rounds=rounds, compare=compare, threads=threads)
-  import jax
-
-  from gpt_jax import metrics
 
   threads = threads or os.cpu_count()
   seq = config_lib.seq_len(config)
@@ -408,7 +401,7 @@ def benchmark_generate(
   """Decoding tokens/s of `generate` and, side by side, of transformers' `generate`.
 
   Both run the same random GPT-2-shaped weights (a GPT2LMHeadModel saved and
-  imported with gpt_jax.convert.from_hf) from the same prompts and generate
+  imported with gpt_jax.hf.from_hf) from the same prompts and generate
   exactly max_new_tokens per row (no EOT), greedy and with top-k sampling
   (temperature 0.8, k 40). After a warm-up (our first call, compilation
   included, is reported apart) the two take turns for `repeats` timed calls
@@ -417,11 +410,8 @@ def benchmark_generate(
   figure is also given as a fraction of the memory read bandwidth measured
   in the same run (`_bandwidth_pct`): how close it is to that limit.
   """
-  import jax
   import torch
   import transformers
-
-  from gpt_jax import convert, metrics, sample
 
   torch.manual_seed(seed)
   torch.set_num_threads(threads)
@@ -431,11 +421,12 @@ def benchmark_generate(
   hf_model = transformers.GPT2LMHeadModel(hf_cfg).eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp, safe_serialization=True)
-    cfg, params = convert.from_hf(tmp)
+    cfg, params = hf.from_hf(tmp)
   hf_model.generation_config.update(eos_token_id=None, pad_token_id=0)
   rng = np.random.default_rng(seed)
-  # Bytes a decoding step reads: every weight but the position table (one row).
-  step_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
+  # Bytes a decoding step reads: every weight but the position tables (one row each).
+  lookup = sum(params[name].nbytes for name in model_lib.position_tables(cfg))
+  step_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - lookup
   bandwidth = metrics.measure_read_bandwidth()
   figures = {
     "model": f"{num_layers}x{d_model}, vocab {vocab_size}",
@@ -534,8 +525,6 @@ def bench_sample(config, *, compare: str = "", threads: int = 0, batch_sizes=(1,
   )
   result = {"benchmark": "sample", "date": time.strftime("%Y-%m-%d"), "load_average_start": load, **figures}
   if compare:
-    import jax
-
     result["hf_torch_differs"] = _device_difference(jax.devices()[0].platform)
   # The weights come from a transformers model built in this process, compared or not.
   held = "the transformers model that supplies the weights"
@@ -554,7 +543,6 @@ def format_sample(r: dict) -> str:
 _CONFIG = None
 
 
-@config_lib.cli_main
 def main(argv):
   F = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("train", "sample"):
@@ -613,4 +601,4 @@ if __name__ == "__main__":
   flags.DEFINE_list("batch_sizes", ["1", "8"], "sample: batch sizes.")
   flags.DEFINE_integer("prompt_len", 16, "sample: prompt tokens.")
   flags.DEFINE_integer("max_new_tokens", 128, "sample: generated tokens per row.")
-  config_lib.run(main)
+  cli.run(main)

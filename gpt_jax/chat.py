@@ -35,25 +35,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags
 
-from gpt_jax import checkpoint, sample
-from gpt_jax import config as config_lib
+from gpt_jax import cli, loading, model_config, sample
 from gpt_jax import model as model_lib
+from gpt_jax.errors import UserError
 from gpt_jax.finetune_data import dialogue_sequence, join_turns
+from gpt_jax.model_config import ModelConfig
 
 
 @dataclasses.dataclass
 class Model:
-  cfg: Any  # config.model
+  cfg: ModelConfig  # A config.model section is converted.
   params: Any
   tok: Any  # tokenizer.Tokenizer
 
+  def __post_init__(self):
+    self.cfg = model_config.of(self.cfg)
+
 
 def load(workdir: str) -> Model:
-  cfg, params, tok = checkpoint.load_for_inference(workdir=workdir)
+  cfg, params, tok = loading.load_for_inference(workdir=workdir)
   return Model(cfg, params, tok)
 
 
@@ -90,8 +93,7 @@ def sequence_logprobs(m: Model, seqs: list[list[int]], masks: list[list[int]]) -
   for b, (s, k) in enumerate(zip(seqs, masks)):
     tokens_BT[b, : len(s)] = s
     mask_BT[b, : len(k)] = k
-  cfg = ml_collections.FrozenConfigDict(m.cfg)
-  return np.asarray(_logprob_program(cfg)(m.params, tokens_BT, mask_BT), np.float64)
+  return np.asarray(_logprob_program(m.cfg)(m.params, tokens_BT, mask_BT), np.float64)
 
 
 def backward_scores(bwd: Model, history: list[list[int]], candidates: list[list[int]]) -> np.ndarray:
@@ -149,7 +151,7 @@ def respond(
   tok = fwd.tok
   eot = tok.eot_id
   if bwd is not None and bwd.tok.fingerprint != tok.fingerprint:
-    raise config_lib.UserError("the forward and MMI (backward) models use different tokenizers")
+    raise UserError("the forward and MMI (backward) models use different tokenizers")
   max_new = min(max_new_tokens, fwd.cfg.block_size // 2)
   turns = [tok.encode(t) for t in history]
   prompt = join_turns(fit_history(turns, eot, fwd.cfg.block_size - max_new), eot)
@@ -226,13 +228,12 @@ def _define_flags():
   flags.mark_flag_as_required("workdir")
 
 
-@config_lib.cli_main
 def main(argv):
   if len(argv) > 1:
-    raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
   if F.num_candidates < 1:
-    raise config_lib.UserError(f"--num_candidates={F.num_candidates} must be >= 1")
+    raise UserError(f"--num_candidates={F.num_candidates} must be >= 1")
   fwd = load(F.workdir)
   bwd = load(F.mmi_workdir) if F.mmi_workdir else None
   kw = dict(
@@ -253,4 +254,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  config_lib.run(main)
+  cli.run(main)

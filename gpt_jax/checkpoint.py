@@ -6,60 +6,20 @@ Layouts
   TrainState, grain iterator state per process, JSON metadata).
 - Params export (`python -m gpt_jax.convert --out=DIR`): `config.json`,
   `params/` (Orbax), optional `tokenizer/`.
-Any entry point that takes a model accepts either, or a local Hugging Face
-GPT-2 folder (config.json + model.safetensors).
+This module only reads and writes them with Orbax; loading.py finds which
+kind a path is (or a Hugging Face folder) and builds what to restore into.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
-import flax.linen as nn
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from gpt_jax import model as model_lib
-from gpt_jax.config import UserError, run_dir
-
-CONFIG_FILE = "config.json"
-
-
-def _abs(path: str) -> epath.Path:
-  """Orbax needs absolute paths (a relative one fails only at save time); a URL stays one."""
-  p = str(path)
-  return epath.Path(p if "://" in p else os.path.abspath(os.path.expanduser(p)))
-
-
-def load_config_file(path) -> ml_collections.ConfigDict:
-  path = _abs(path)
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read config {path}: {e}") from e
-
-
-def write_config_file(path, config) -> None:
-  path = _abs(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.replace(path)
-
-
-def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """JSON turns tuples into lists; restore the tuple fields of configs/base.py."""
-  m = config.model
-  m.attention_pattern = tuple(m.attention_pattern)
-  if "mesh" in config:
-    config.mesh.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in config.mesh.rules)
-  if "eval" in config:
-    config.eval.tasks = tuple(config.eval.tasks)
-  return config
-
+from gpt_jax import paths
+from gpt_jax.errors import UserError
 
 # ----------------------------------------------------------- training state
 
@@ -103,7 +63,7 @@ def make_manager(workdir, config) -> ocp.CheckpointManager:
     cleanup_tmp_directories=True,
     create=True,
   )
-  return ocp.CheckpointManager(_abs(workdir) / "checkpoints", options=options)
+  return ocp.CheckpointManager(paths.absolute(workdir) / "checkpoints", options=options)
 
 
 def save(manager, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
@@ -169,11 +129,11 @@ def _set_aside(manager, steps) -> None:
 
 def save_params(directory, config, params, tokenizer=None) -> None:
   """Writes a params export: config.json + params/ (+ tokenizer/)."""
-  directory = _abs(directory)
+  directory = paths.absolute(directory)
   if directory.exists() and any(directory.iterdir()):
     raise UserError(f"output directory {directory} is not empty; refusing to overwrite it")
   directory.mkdir(parents=True, exist_ok=True)
-  write_config_file(directory / CONFIG_FILE, config)
+  paths.write_config(directory / paths.CONFIG_FILE, config)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / "params", params)
     ckptr.wait_until_finished()
@@ -181,17 +141,7 @@ def save_params(directory, config, params, tokenizer=None) -> None:
     tokenizer.save(str(directory / "tokenizer"))
 
 
-def is_hf_dir(path) -> bool:
-  path = _abs(path)
-  if not (path / "config.json").exists():
-    return False
-  try:
-    return "n_embd" in json.loads((path / "config.json").read_text())
-  except json.JSONDecodeError:
-    return False
-
-
-def _latest_step_dir(path: epath.Path):
+def latest_step_dir(path: epath.Path):
   """A workdir's newest finalised checkpoint step directory, or `path` itself (a step directory)."""
   if (path / "state").exists():
     return path
@@ -206,55 +156,12 @@ def _latest_step_dir(path: epath.Path):
   return ckpt_dir / str(steps[-1]) if steps else None
 
 
-def _run_config(path: epath.Path):
-  for candidate in (path / CONFIG_FILE, path.parent.parent / CONFIG_FILE):
-    if candidate.exists():
-      return _tuples(load_config_file(candidate))
-  raise UserError(f"{path} has no {CONFIG_FILE}: not a gpt_jax workdir or params export")
-
-
-def load_params(path, *, shardings=None):
-  """(config, params) from a params export, a training workdir / step dir, or an HF folder.
-
-  `shardings`: optional tree of NamedShardings for the params (restore
-  straight onto devices); default places them on the default device.
-  From a training checkpoint only the params are read (partial restore), not
-  the optimiser state.
-  """
-  path = _abs(path)
-  if not path.exists():
-    raise UserError(f"checkpoint path {path} does not exist")
-  if is_hf_dir(path):
-    from configs import base
-    from gpt_jax import convert
-
-    model_cfg, params = convert.from_hf(str(path))
-    config = base.get_config()
-    config.model = model_cfg
-    if shardings is not None:
-      params = jax.device_put(params, shardings)
-    return config, params
-  config = _run_config(path)
-  abstract = model_lib.abstract_params(config.model)
-  # Unboxed without sharding constraints: inside a mesh context (train.run) nn.unbox
-  # would constrain these ShapeDtypeStructs eagerly and fail.
-  abstract = jax.tree.map(
-    lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
-    abstract,
-    is_leaf=lambda b: isinstance(b, nn.Partitioned),
-  )
-  if shardings is not None:
-    abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
+def restore_params(item_dir: epath.Path, abstract, *, in_state: bool):
+  """Params restored into `abstract` (ShapeDtypeStructs, with target shardings where given)
+  from a params export's `params/` or, `in_state`, from a training state item (partial
+  restore: the optimiser state is not read)."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  if (path / "params").exists():
-    item_dir, item, args = path / "params", abstract, restore_args
-  else:
-    step_dir = _latest_step_dir(path)
-    if step_dir is None:
-      raise UserError(f"{path} has no finalised checkpoint (expected checkpoints/<step>/state or params/)")
-    item_dir, item, args = step_dir / "state", {"params": abstract}, {"params": restore_args}
+  item, args = ({"params": abstract}, {"params": restore_args}) if in_state else (abstract, restore_args)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       restored = ckptr.restore(
@@ -264,42 +171,4 @@ def load_params(path, *, shardings=None):
     raise UserError(
       f"cannot restore params from {item_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
     ) from e
-  return config, (restored if item is abstract else restored["params"])
-
-
-def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *, mesh_config=None):
-  """(model_cfg, params, tokenizer) for sampling / evaluation.
-
-  `workdir`: a gpt_jax training workdir or params export (tokenizer from its
-  tokenizer/ folder); `hf_dir`: a local Hugging Face GPT-2 folder (tokenizer
-  from its vocab.json + merges.txt). Params are sharded over all devices by
-  the config's mesh rules (or `mesh_config`).
-  """
-  from gpt_jax import sharding
-  from gpt_jax import tokenizer as tokenizer_lib
-
-  if (workdir is None) == (hf_dir is None):
-    raise UserError("give exactly one of --workdir or --hf_dir")
-  path = run_dir(workdir) if workdir is not None else run_dir(hf_dir, "--hf_dir")
-  if hf_dir is not None and "://" in path:
-    raise UserError(f"--hf_dir={hf_dir}: must be a local folder (copy the bucket's files to disk first)")
-  if hf_dir is not None and not is_hf_dir(hf_dir):
-    raise UserError(f"--hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
-  config, params = load_params(path)
-  mesh_cfg = mesh_config or config.get("mesh")
-  if mesh_cfg is not None and len(jax.devices()) > 1:
-    mesh = sharding.make_mesh(mesh_cfg)
-    specs = model_lib.logical_specs(config.model)
-    params = jax.device_put(
-      params, sharding.logical_to_shardings(specs, params, mesh, sharding.rules(config))
-    )
-  if hf_dir is not None:
-    tok = tokenizer_lib.from_hf_dir(hf_dir)
-  else:
-    tok_dir = _abs(path) / "tokenizer"
-    if not tok_dir.exists():
-      tok_dir = _abs(path).parent.parent / "tokenizer"
-    if not tok_dir.exists():
-      raise UserError(f"{path} has no tokenizer/ folder")
-    tok = tokenizer_lib.load_dir(str(tok_dir))
-  return config.model, params, tok
+  return restored["params"] if in_state else restored

@@ -32,18 +32,18 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 from absl import flags, logging
+from ml_collections import config_flags
 
+from gpt_jax import cli, data_sources, loader, paths
 from gpt_jax import config as config_lib
-from gpt_jax import data_sources
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.config import UserError
 from gpt_jax.data_sources import iter_documents  # noqa: F401  (part of this module's API)
+from gpt_jax.errors import UserError
 
 CACHE_FORMAT = 1
 SPLITS = ("train", "validation")
@@ -139,7 +139,7 @@ def prepare_cache(config, tokenizer, workdir: str, *, process_index: int = 0) ->
   directory = cache_dir(config, workdir)
   header_path = directory / "header.json"
   if not header_path.exists():
-    if config_lib.is_url(workdir):  # No shared disk assumed: each host builds its own.
+    if paths.is_url(workdir):  # No shared disk assumed: each host builds its own.
       with _host_lock(directory):
         if not header_path.exists():
           _build_cache(config, tokenizer, workdir, directory)
@@ -264,19 +264,6 @@ class WindowSource:
     return f"WindowSource({self.path}, seq_len={self.seq_len}, windows={self.count})"
 
 
-def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
-  # Schedulers signal the whole process group on preemption; the trainer
-  # handles SIGTERM and saves, which needs its data workers alive.
-  del worker_index, worker_count
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _per_process(total: int, process_count: int, field: str) -> int:
-  if total % process_count:
-    raise UserError(f"config.{field}={total} must be divisible by the number of processes ({process_count})")
-  return total // process_count
-
-
 def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, process_count: int):
   """This process's infinite grain iterator of training batches.
 
@@ -286,10 +273,8 @@ def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, 
   get_state / set_state); the state can be restored only under the same
   data.num_workers.
   """
-  import grain
-
   seq_len = config_lib.seq_len(config)
-  rows = _per_process(config.train.batch_size, process_count, "train.batch_size")
+  loader.rows_per_process(config.train.batch_size, process_count, "train.batch_size")
   cache = prepare_cache(config, tokenizer, workdir, process_index=process_index)
   n_tokens = cache.num_tokens("train")
   count = num_windows(n_tokens, seq_len)
@@ -299,21 +284,14 @@ def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, 
       f"seq_len + 1 = {seq_len + 1}"
     )
   source = WindowSource(str(cache.path("train")), seq_len, count)
-  ds = grain.MapDataset.source(source).shuffle(seed=int(config.data.shuffle_seed)).repeat()
-  ds = ds[process_index::process_count].batch(rows, drop_remainder=True)
-  # Reading a window is a memmap slice: two threads keep up with any step
-  # time; grain's defaults (16 threads, 500 batches ahead) only cost memory.
-  read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(config.data.prefetch))
-  it_ds = ds.to_iter_dataset(read)
-  if config.data.num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain reads its absl flags when starting workers; outside app.run
-      # (tests, notebooks) their defaults are what we want.
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)), worker_init_fn=_ignore_sigterm
-    )
-  return iter(it_ds)
+  return loader.batches(
+    source,
+    batch_size=config.train.batch_size,
+    seed=config.data.shuffle_seed,
+    process_index=process_index,
+    process_count=process_count,
+    data_cfg=config.data,
+  )
 
 
 def make_eval_batches(
@@ -337,7 +315,7 @@ def make_eval_batches(
   "mask" float32 [R, seq_len]. num_batches 0 = all.
   """
   seq_len = config_lib.seq_len(config)
-  rows = _per_process(batch_size, process_count, "eval.batch_size")
+  rows = loader.rows_per_process(batch_size, process_count, "eval.batch_size")
   cache = prepare_cache(config, tokenizer, workdir, process_index=process_index)
   tokens = cache.tokens("validation")
   n = len(tokens)
@@ -412,9 +390,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags
-
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training configuration file.")
   flags.DEFINE_string("workdir", None, "Run directory (tokenizer and, by default, the data cache).")
   flags.mark_flag_as_required("workdir")
-  config_lib.run(main)
+  cli.run(main)

@@ -35,18 +35,45 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from gpt_jax.config import UserError, is_url, local_dir
+from gpt_jax import errors
+from gpt_jax.errors import UserError
+from gpt_jax.paths import is_url, local_dir
 
+SOURCES = ("shakespeare", "files", "tfds")
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 _READ_CHUNK = 1024  # records fetched per data-source call when reading TFDS splits
+
+
+def validate(config) -> None:
+  """config.data (see configs/base.py): the source, its settings, the tokenizer and the split."""
+  errors.one_of(config, "data.source", SOURCES)
+  if config.data.source == "files" and not config.data.paths:
+    errors.fail("data.paths", config.data.paths, "give comma-separated globs when data.source='files'")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    errors.fail("data.tfds_name", config.data.tfds_name, "give a TFDS dataset name when data.source='tfds'")
+  errors.one_of(config, "data.tokenizer", ("gpt2", "bpe"))
+  if config.data.tokenizer == "bpe" and not 257 <= config.data.bpe_vocab_size <= config.model.vocab_size:
+    errors.fail(
+      "data.bpe_vocab_size",
+      config.data.bpe_vocab_size,
+      f"must be in [257, model.vocab_size={config.model.vocab_size}] (256 bytes + <|endoftext|> at least)",
+    )
+  if not config.data.eval_split:
+    errors.in_range(config, "data.val_fraction", 0.0, 1.0, lo_inclusive=False)
+  errors.non_negative(config, "data.num_workers", "data.max_documents", "data.shuffle_seed")
+  errors.positive_int(config, "data.prefetch")
+
+
+def _unknown_source(data_cfg):
+  return UserError(f"config.data.source={data_cfg.source!r} is not one of {', '.join(map(repr, SOURCES))}")
 
 
 def resolve_data_dir(data_cfg, workdir: str | None) -> str:
   """config.data.data_dir, or <workdir>/data, or "" when neither is known.
 
   The token cache is memory-mapped, so this is always a local folder: for a
-  URL workdir (gs://...) it is `config.local_dir(workdir, "data")` on each host.
+  URL workdir (gs://...) it is `paths.local_dir(workdir, "data")` on each host.
   """
   if data_cfg.data_dir:
     if is_url(data_cfg.data_dir):
@@ -279,7 +306,7 @@ def _raw_split(data_cfg, split: str, data_dir: str):
     return _files_split(data_cfg, data_dir)
   if data_cfg.source == "tfds":
     return _tfds_split(data_cfg, split, data_cfg.get("tfds_data_dir", ""))
-  raise UserError(f"config.data.source={data_cfg.source!r} is not one of 'shakespeare', 'files', 'tfds'")
+  raise _unknown_source(data_cfg)
 
 
 def held_out(n: int, val_fraction: float) -> list[int]:
@@ -355,8 +382,10 @@ def describe(data_cfg, data_dir: str) -> str:
     files = expand_globs(data_cfg.paths)
     digest = files_fingerprint(files, data_cfg.text_field)
     what = f"files: {len(files)} files matching {data_cfg.paths!r}, {digest}"
-  else:
+  elif data_cfg.source == "tfds":
     what = f"tfds: {data_cfg.tfds_name} field {data_cfg.text_field!r} in {data_dir or 'the default TFDS dir'}"
+  else:
+    raise _unknown_source(data_cfg)
   if data_cfg.eval_split:
     split = f"train={data_cfg.train_split} validation={data_cfg.eval_split}"
   else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from absl import logging
 
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 # PCI vendor id of Google TPU chips: how jax itself recognises a Cloud TPU VM.
 _GOOGLE_PCI_VENDOR = "0x1ae0"

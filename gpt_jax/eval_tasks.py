@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_jax.config import UserError
+from gpt_jax import errors
+from gpt_jax.errors import UserError
 
 KINDS = ("perplexity", "last_word", "multiple_choice", "generate")
 
@@ -67,6 +68,17 @@ def parse_spec(spec: str) -> TaskSpec:
     # "glue/sst2:1.0.0" -> "glue_sst2": the configuration names the task.
     return TaskSpec(kind, name.split(":")[0].replace("/", "_"), tfds_name=name, split=split)
   return TaskSpec(kind, Path(rest).stem, path=rest)
+
+
+def validate(config) -> None:
+  """config.eval: its numbers, and that every eval.tasks spec parses (the files are checked
+  when pretraining starts, so a config saved in a workdir stays loadable elsewhere)."""
+  errors.non_negative(config, "eval.every_steps", "eval.num_batches", "eval.batch_size")
+  for spec in config.eval.tasks:
+    try:
+      parse_spec(spec)
+    except UserError as e:
+      errors.fail("eval.tasks", spec, str(e))
 
 
 # ---------------------------------------------------------------- schemas

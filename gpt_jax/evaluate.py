@@ -33,16 +33,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gpt_jax import config as config_lib
-from gpt_jax import eval_tasks
+from gpt_jax import cli, eval_tasks, loading, model_config, sample, sharding
 from gpt_jax import model as model_lib
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 MIN_BUCKET = 16  # Shortest padded length; shorter requests share its program.
 # Fewest tokens (rows x padded length) per forward pass: short buckets get
@@ -65,20 +63,6 @@ class Score(NamedTuple):
 def length_bucket(length: int, block_size: int) -> int:
   """Padded length: the next power of two >= length (at least MIN_BUCKET), at most block_size."""
   return min(max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length()), block_size)
-
-
-def _freeze(cfg):
-  if isinstance(cfg, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    return ml_collections.FrozenConfigDict(cfg)
-  return ml_collections.FrozenConfigDict(dict(vars(cfg)))
-
-
-def _params_mesh(params):
-  for leaf in jax.tree.leaves(params):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      return sharding.mesh
-  return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,8 +143,8 @@ def score_requests(
 
   scores: list[Score | None] = [Score(0.0, 0, True) if not c else None for _, c in rows]
   todo = sorted((i for i, s in enumerate(scores) if s is None), key=lambda i: (-len(rows[i][0]), i))
-  mesh = _params_mesh(params)
-  fn = _program(_freeze(model_cfg), mesh)
+  mesh = sharding.params_mesh(params)
+  fn = _program(model_config.of(model_cfg), mesh)
 
   def collect(batch, out):
     logp_BT, greedy_BT = (np.asarray(x) for x in out)
@@ -177,10 +161,12 @@ def score_requests(
     by_bucket.setdefault(length_bucket(len(rows[i][0]) - 1, block), []).append(i)
   batches = []
   for T, members in by_bucket.items():
-    num_rows, sharding = _batch_layout(mesh, batch_size, T)
-    batches += [(T, num_rows, sharding, members[s : s + num_rows]) for s in range(0, len(members), num_rows)]
+    num_rows, rows_sharding = _batch_layout(mesh, batch_size, T)
+    batches += [
+      (T, num_rows, rows_sharding, members[s : s + num_rows]) for s in range(0, len(members), num_rows)
+    ]
   pending = None
-  for T, num_rows, sharding, batch in tqdm(
+  for T, num_rows, rows_sharding, batch in tqdm(
     batches, desc=desc, unit="batch", disable=not progress, leave=False
   ):
     inputs_BT = np.zeros((num_rows, T), np.int32)
@@ -189,7 +175,7 @@ def score_requests(
       tokens = rows[i][0]
       inputs_BT[b, : len(tokens) - 1] = tokens[:-1]
       targets_BT[b, : len(tokens) - 1] = tokens[1:]
-    out = fn(params, _put(inputs_BT, sharding), _put(targets_BT, sharding))
+    out = fn(params, _put(inputs_BT, rows_sharding), _put(targets_BT, rows_sharding))
     if pending is not None:  # Read the previous batch while this one runs.
       collect(*pending)
     pending = (batch, out)
@@ -446,8 +432,6 @@ def generate_texts(
   in length-sorted groups of batch_size, so each group pads to a similar
   length; results come back in the input order.
   """
-  from gpt_jax import sample
-
   sampling.setdefault("temperature", 0.0)
   # Never emit ids the tokenizer cannot decode (a model vocabulary padded past it).
   sampling.setdefault("vocab_limit", min(tokenizer.vocab_size, model_cfg.vocab_size))
@@ -632,15 +616,13 @@ def main(argv) -> None:
     progress=True,
   )
   loaded = load_specs(f.task, opts)  # Bad task files and options fail here, before the model loads.
-  from gpt_jax import checkpoint
-
-  model_cfg, params, tok = checkpoint.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir)
+  model_cfg, params, tok = loading.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir)
   results = [run_task(model_cfg, params, tok, s, opts, data) for s, data in loaded]
   table = {r.name: r.metrics for r in results}
   print(eval_tasks.format_table(table), flush=True)
   if f.output:
     run_config = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
-    run_config.update(workdir=f.workdir, hf_dir=f.hf_dir, tasks=list(f.task), model=dict(model_cfg))
+    run_config.update(workdir=f.workdir, hf_dir=f.hf_dir, tasks=list(f.task), model=model_cfg.to_dict())
     eval_tasks.write_json(f.output, {"tasks": table, "config": run_config})
   if f.samples_output:
     eval_tasks.write_json(
@@ -650,4 +632,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  config_lib.run(main)
+  cli.run(main)

@@ -41,14 +41,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
-from gpt_jax import checkpoint, model, sharding, train
+from gpt_jax import checkpoint, cli, hf, loading, model, model_config, paths, pretrain, sharding, train
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
 from gpt_jax import finetune_heads as heads
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.config import UserError
+from gpt_jax.errors import ConfigError, UserError
 
 # Model fields a fine-tuning config may set; every other model field comes
 # from the pretrained checkpoint (they fix the parameters' shapes or meaning).
@@ -68,7 +69,7 @@ def _write_export(directory: Path, config, params, tok, record: dict) -> None:
   if jax.process_index() == 0:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    checkpoint.write_config_file(tmp / checkpoint.CONFIG_FILE, config)
+    paths.write_config(tmp / paths.CONFIG_FILE, config)
     tok.save(str(tmp / "tokenizer"))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / "params", params)
@@ -91,8 +92,8 @@ def _write_export(directory: Path, config, params, tok, record: dict) -> None:
 
 def _local_run_dir(path: str, flag: str) -> str:
   """Fine-tuning swaps its best/ export in with directory renames, which a bucket lacks."""
-  path = checkpoint.run_dir(path, flag)
-  if config_lib.is_url(path):
+  path = paths.run_dir(path, flag)
+  if paths.is_url(path):
     raise UserError(
       f"{flag}={path}: fine-tuning needs a local or mounted folder (its best/ export is swapped in "
       "with directory renames, which a bucket does not have); pretraining takes gs:// workdirs"
@@ -128,20 +129,18 @@ def pretrained_model_config(path: str):
   p = _pretrained_path(path)
   if not p.exists():
     raise UserError(f"config.finetune.pretrained={path!r} does not exist")
-  if checkpoint.is_hf_dir(p):
-    from gpt_jax import convert
-
-    return convert.model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
-  return checkpoint._run_config(checkpoint._abs(str(p))).model
+  if loading.is_hf_dir(p):
+    return hf.model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
+  return loading.run_config(p).model
 
 
 def _pretrained_path(path: str):
-  return checkpoint._abs(checkpoint.run_dir(path, "config.finetune.pretrained"))
+  return paths.absolute(paths.run_dir(path, "config.finetune.pretrained"))
 
 
 def pretrained_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
   p = _pretrained_path(path)
-  if checkpoint.is_hf_dir(p):
+  if loading.is_hf_dir(p):
     return tokenizer_lib.from_hf_dir(str(p))
   for d in (p / "tokenizer", p.parent.parent / "tokenizer"):
     if (d / tokenizer_lib.META_FILE).exists():
@@ -178,7 +177,7 @@ def finetune_model_config(config):
   base_vocab = int(m.vocab_size)
   if fc.task != "dialogue":
     m.vocab_size = base_vocab + fd.NUM_SPECIALS
-  config_lib.validate_model(m)
+  model_config.of(m)
   return m, base_vocab
 
 
@@ -193,7 +192,7 @@ def _initial_params(config, base_vocab: int, mesh, fc):
     pre_cfg = pretrained_model_config(fc.pretrained)
     pre_abstract = jax.eval_shape(lambda: model.init_params(pre_cfg, jax.random.key(0)))
     pre_sh = sharding.logical_to_shardings(model.logical_specs(pre_cfg), pre_abstract, mesh, rules)
-    _, gpt = checkpoint.load_params(fc.pretrained, shardings=pre_sh)
+    _, gpt = loading.load_params(fc.pretrained, shardings=pre_sh)
     logging.info("fine-tuning from %s", fc.pretrained)
     if fc.task == "dialogue":
       return gpt
@@ -278,7 +277,7 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
     eval_bs = config.eval.batch_size or config.train.batch_size
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if eval_arrays is not None and eval_bs % dp:
-      raise config_lib.ConfigError(
+      raise ConfigError(
         f"config.eval.batch_size={eval_bs} (0 = train.batch_size) must be divisible by mesh data*fsdp = {dp}"
       )
     batches = []
@@ -294,7 +293,7 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
       return train.Task(
         init_params=lambda rng: model.init_params(config.model, rng),
         param_specs=model.logical_specs(config.model),
-        loss_fn=train.lm_loss_fn(config.model),
+        loss_fn=pretrain.lm_loss_fn(config.model),
         eval_batches=batches,
         **common,
       )
@@ -352,7 +351,7 @@ def run(config, workdir: str) -> dict:
   with config.unlocked():
     if config.init_from:
       if fc.pretrained and fc.pretrained != config.init_from:
-        raise config_lib.ConfigError(
+        raise ConfigError(
           f"config.init_from={config.init_from!r} and config.finetune.pretrained={fc.pretrained!r} differ"
         )
       # train.run would load init_from as a plain GPT tree; the task loads it.
@@ -360,7 +359,7 @@ def run(config, workdir: str) -> dict:
     config.model, base_vocab = finetune_model_config(config)
   max_len = fc.max_len or config.model.block_size
   if max_len > config.model.block_size:
-    raise config_lib.ConfigError(
+    raise ConfigError(
       f"config.finetune.max_len={fc.max_len} exceeds model.block_size={config.model.block_size}"
     )
   os.makedirs(workdir, exist_ok=True)
@@ -410,24 +409,6 @@ def _abstract(config):
   return jax.eval_shape(lambda: heads.init_params(config.model, fc, jax.random.key(0)))
 
 
-def _restore(item_dir: Path, abstract, wrap: bool):
-  import orbax.checkpoint as ocp
-
-  args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  item = {"params": abstract} if wrap else abstract
-  args = {"params": args} if wrap else args
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      out = ckptr.restore(
-        item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-      )
-  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one user-facing error
-    raise UserError(
-      f"cannot restore params from {item_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
-    ) from e
-  return out["params"] if wrap else out
-
-
 def load_finetuned(path: str):
   """(config, params, tokenizer) of a fine-tuning run: its best/ export, else its newest checkpoint.
 
@@ -436,16 +417,18 @@ def load_finetuned(path: str):
   p = Path(_local_run_dir(path, "--workdir"))
   export = p if (p / "params").exists() else p / BEST_DIR
   if (export / "params").exists():
-    config = checkpoint._tuples(checkpoint.load_config_file(export / checkpoint.CONFIG_FILE))
-    params = _restore(export / "params", _abstract(config), wrap=False)
+    config = paths.read_config(export / paths.CONFIG_FILE)
+    params = checkpoint.restore_params(export / "params", _abstract(config), in_state=False)
     return config, params, tokenizer_lib.load_dir(str(export / "tokenizer"))
-  if not (p / checkpoint.CONFIG_FILE).exists():
-    raise UserError(f"{path}: not a fine-tuning workdir (no {BEST_DIR}/ and no {checkpoint.CONFIG_FILE})")
-  config = checkpoint._tuples(checkpoint.load_config_file(p / checkpoint.CONFIG_FILE))
+  if not (p / paths.CONFIG_FILE).exists():
+    raise UserError(f"{path}: not a fine-tuning workdir (no {BEST_DIR}/ and no {paths.CONFIG_FILE})")
+  config = paths.read_config(p / paths.CONFIG_FILE)
   steps = sorted(int(d.name) for d in (p / "checkpoints").glob("*") if d.name.isdigit())
   if not steps:
     raise UserError(f"{path}: no finished checkpoint to predict with")
-  params = _restore(p / "checkpoints" / str(steps[-1]) / "state", _abstract(config), wrap=True)
+  params = checkpoint.restore_params(
+    p / "checkpoints" / str(steps[-1]) / "state", _abstract(config), in_state=True
+  )
   return config, params, tokenizer_lib.load_dir(str(p / "tokenizer"))
 
 
@@ -494,10 +477,7 @@ def predict(path: str, input_path: str, *, batch_size: int = 32) -> tuple[list[d
 _CONFIG = None
 
 
-@config_lib.cli_main
 def main(argv):
-  from absl import flags
-
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
@@ -525,13 +505,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
-
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/finetune_*.py file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Fine-tuning run directory (to train in, or to predict with).")
   flags.DEFINE_string("predict", "", "Predict labels for the rows of this .jsonl / .csv / .tsv file.")
   flags.DEFINE_string("output", "", "Write predictions here (JSONL); default stdout.")
   flags.DEFINE_integer("batch_size", 32, "Rows per prediction batch.")
   flags.mark_flag_as_required("workdir")
-  config_lib.run(main)
+  cli.run(main)

@@ -59,9 +59,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_jax.config import UserError
+from gpt_jax import errors, loader
+from gpt_jax.errors import UserError
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
+TASKS = (*KINDS, "dialogue")  # config.finetune.task: GPT-1's input transforms, or DialoGPT.
 DEFAULT_FIELDS = {
   "classification": ("text",),
   "entailment": ("premise", "hypothesis"),
@@ -70,6 +72,63 @@ DEFAULT_FIELDS = {
 }
 NUM_SPECIALS = 3
 _READ_CHUNK = 1024
+
+
+def validate(config) -> None:
+  """config.finetune (see configs/base.py): the task, its data and labels, the best/ metric."""
+  fc = config.finetune
+  errors.one_of(config, "finetune.task", TASKS)
+  if config.init_from and fc.pretrained and config.init_from != fc.pretrained:
+    errors.fail(
+      "finetune.pretrained", fc.pretrained, f"differs from config.init_from={config.init_from!r}; give one"
+    )
+  if fc.task == "dialogue":
+    if not fc.train_path.endswith(".jsonl"):
+      errors.fail("finetune.train_path", fc.train_path, 'give a .jsonl file of {"turns": [...]} dialogues')
+    if fc.eval_path and not fc.eval_path.endswith(".jsonl"):
+      errors.fail("finetune.eval_path", fc.eval_path, "must be a .jsonl file (or empty)")
+    if fc.tfds_name:
+      errors.fail("finetune.tfds_name", fc.tfds_name, "dialogue data comes from finetune.train_path (JSONL)")
+    errors.one_of(config, "finetune.loss_turns", ("last", "all"))
+  else:
+    if bool(fc.train_path) == bool(fc.tfds_name):
+      errors.fail(
+        "finetune.train_path",
+        fc.train_path,
+        "give exactly one of finetune.train_path (.jsonl / .csv / .tsv) or finetune.tfds_name",
+      )
+    if fc.tfds_name and fc.eval_path:
+      errors.fail(
+        "finetune.eval_path", fc.eval_path, "with finetune.tfds_name the eval data is finetune.eval_split"
+      )
+    if fc.regression and fc.task == "multiple_choice":
+      errors.fail(
+        "finetune.regression", fc.regression, "multiple_choice scores choices; regression does not apply"
+      )
+    if not fc.regression and fc.task != "multiple_choice":
+      errors.positive_int(config, "finetune.num_classes")
+      if fc.num_classes < 2:
+        errors.fail("finetune.num_classes", fc.num_classes, "must be >= 2")
+      names = [n for n in fc.labels.split(",") if n.strip()] if fc.labels else []
+      if names and len(names) != fc.num_classes:
+        errors.fail("finetune.labels", fc.labels, f"must name finetune.num_classes={fc.num_classes} labels")
+    # Metrics where higher is better, as finetune.py selects best/ by them.
+    binary = not fc.regression and fc.task != "multiple_choice" and fc.num_classes == 2
+    allowed = {"": True, "accuracy": not fc.regression, "f1": binary}
+    allowed.update(pearson=fc.regression, spearman=fc.regression)
+    if not allowed.get(fc.best_metric, False):
+      errors.fail(
+        "finetune.best_metric",
+        fc.best_metric,
+        "allowed here: " + ", ".join(repr(k) for k, v in allowed.items() if v),
+      )
+  errors.non_negative(
+    config, "finetune.lm_coef", "finetune.epochs", "finetune.max_len", "finetune.max_examples"
+  )
+  errors.in_range(config, "finetune.head_dropout", 0.0, 1.0)
+  errors.in_range(config, "finetune.warmup_fraction", 0.0, 1.0)
+  if fc.max_len and fc.max_len < 8:
+    errors.fail("finetune.max_len", fc.max_len, "must be 0 (model.block_size) or >= 8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,26 +508,14 @@ class ArraySource:
 
 def train_iterator(arrays, *, batch_size: int, seed: int, process_index: int, process_count: int, data_cfg):
   """Infinite, checkpointable grain iterator: a fresh shuffle per epoch, disjoint rows per process."""
-  import grain
-  from absl import flags
-
-  from gpt_jax import data
-
-  if batch_size % process_count:
-    raise UserError(
-      f"config.train.batch_size={batch_size} must be divisible by the {process_count} processes"
-    )
-  ds = grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=int(seed)).repeat()
-  ds = ds[process_index::process_count].batch(batch_size // process_count, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(data_cfg.prefetch)))
-  if data_cfg.num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)),
-      worker_init_fn=data._ignore_sigterm,
-    )
-  return iter(it)
+  return loader.batches(
+    ArraySource(arrays),
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    data_cfg=data_cfg,
+  )
 
 
 def eval_batches(arrays, *, batch_size: int, process_index: int, process_count: int) -> list[dict]:

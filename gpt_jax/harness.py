@@ -30,8 +30,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from gpt_jax import eval_tasks, evaluate
-from gpt_jax.config import UserError
+from gpt_jax import eval_tasks, evaluate, loading, model_config
+from gpt_jax.errors import UserError
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's HF default.
@@ -71,9 +71,8 @@ class GptJaxLM(TemplateLM):
   ):
     super().__init__()
     if model_cfg is None:
-      from gpt_jax import checkpoint
-
-      model_cfg, params, tokenizer = checkpoint.load_for_inference(workdir=workdir, hf_dir=hf_dir)
+      model_cfg, params, tokenizer = loading.load_for_inference(workdir=workdir, hf_dir=hf_dir)
+    model_cfg = model_config.of(model_cfg)
     if unused:
       logging.warning("gpt_jax model ignores these arguments: %s", ", ".join(sorted(unused)))
     if device not in (None, "", "cpu", "cuda", "tpu"):

@@ -1,4 +1,4 @@
-"""Training entry point: flags -> config -> train.run(config, workdir).
+"""Training entry point: flags -> config -> pretrain.run (or finetune.run for job="finetune").
 
   python -m gpt_jax.main --config=configs/shakespeare.py --workdir=runs/shakespeare
   python -m gpt_jax.main --config=configs/gpt2_medium.py --workdir=gs://bucket/runs/medium \
@@ -10,7 +10,9 @@ Re-running the same command on a workdir with checkpoints resumes it.
 from absl import flags, logging
 from ml_collections import config_flags
 
+from gpt_jax import cli, distributed, finetune, pretrain
 from gpt_jax import config as config_lib
+from gpt_jax.errors import UserError
 
 PROFILE_STEPS = 5  # Steps --profile traces when config.log.profile_steps is 0.
 
@@ -31,28 +33,21 @@ _PROFILE = flags.DEFINE_bool(
 )
 
 
-@config_lib.cli_main
 def main(argv):
   if len(argv) > 1:
-    raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   if _PROFILE.value and not config.log.profile_steps:
     config.log.profile_steps = PROFILE_STEPS
   config = config_lib.validate(config)
   logging.set_verbosity(logging.INFO)
-  from gpt_jax import distributed
-
   # Before anything touches devices: jax.devices() fixes the device set.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from gpt_jax import train
-
   if config.job == "finetune":
-    from gpt_jax import finetune
-
     finetune.run(config, _WORKDIR.value)  # Its metrics dict must not reach sys.exit (exit 1).
     return
-  train.run(config, _WORKDIR.value)
+  pretrain.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  config_lib.run(main)
+  cli.run(main)

@@ -12,34 +12,29 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gpt_jax import config as config_lib
+from gpt_jax import errors, hardware, paths
+from gpt_jax import model as model_lib
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
-# Peak dense bf16 FLOP/s per chip (vendor figures; ../shared/REFERENCE.md).
-PEAK_FLOPS_BY_KIND = {
-  "h100": 989e12,
-  "h200": 989e12,
-  "a100": 312e12,
-  "tpu v4": 275e12,
-  "tpu v5 lite": 197e12,
-  "tpu v5e": 197e12,
-  "tpu v5p": 459e12,
-  "tpu v5": 459e12,
-  "tpu v6 lite": 918e12,  # Trillium (v6e).
-  "tpu v6e": 918e12,
-}
+
+def validate(config) -> None:
+  """config.log (see configs/base.py)."""
+  errors.positive_int(config, "log.every_steps")
+  errors.non_negative(config, "log.peak_flops", "log.profile_steps")
+  errors.boolean(config, "log.tensorboard")
 
 
 def flops_per_token(model_cfg, seq_len: int, num_params: int) -> float:
   """Training FLOPs per token, PaLM App. B: 6N + 12·L·H·Q·T.
 
   N counts the parameters that take part in matmuls: everything but the
-  position table (the tied token table does the LM-head matmul). The second
-  term is attention's QK^T and AV, forward and backward.
+  position embeddings (model.position_tables; the tied token table does the
+  LM-head matmul). The second term is attention's QK^T and AV, forward and
+  backward.
   """
-  n = num_params - model_cfg.block_size * model_cfg.d_model
+  n = num_params - sum(int(np.prod(s)) for s in model_lib.position_tables(model_cfg).values())
   head_dim = model_cfg.d_model // model_cfg.num_heads
   return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.num_heads * head_dim * seq_len
 
@@ -74,9 +69,10 @@ def peak_flops(configured: float) -> tuple[float, str]:
     return configured * len(devices), f"configured log.peak_flops={configured:g} x {len(devices)} devices"
   kind = devices[0].device_kind.lower()
   if devices[0].platform != "cpu":
-    for name, flops in PEAK_FLOPS_BY_KIND.items():
-      if name in kind:
-        return flops * len(devices), f"{devices[0].device_kind} bf16 peak {flops:g} x {len(devices)} devices"
+    chip = hardware.for_device_kind(kind)
+    if chip is not None:
+      flops = chip.peak_flops
+      return flops * len(devices), f"{devices[0].device_kind} bf16 peak {flops:g} x {len(devices)} devices"
     logging.warning("unknown device kind %r: set log.peak_flops for MFU; measuring a matmul", kind)
   # Fake CPU devices share the same cores, so the machine's peak is one matmul's.
   flops = measure_matmul_peak()
@@ -97,7 +93,7 @@ class MetricsWriter:
   """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0.
 
   In a URL workdir (gs://...) these files, and a profile, are written under
-  `config.local_dir(workdir)` and copied to the workdir on close and by the
+  `paths.local_dir(workdir)` and copied to the workdir on close and by the
   first write at least `upload_every_s` seconds after the previous copy (a
   bucket object cannot be appended to).
   """
@@ -116,7 +112,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
-    self._mirror = RunFileMirror(workdir, upload_every_s) if config_lib.is_url(workdir) else None
+    self._mirror = RunFileMirror(workdir, upload_every_s) if paths.is_url(workdir) else None
     # Where this run's local files go: the workdir, or its local stand-in.
     self.files_dir = self._mirror.local if self._mirror else workdir
     if not self.enabled:
@@ -168,7 +164,7 @@ class MetricsWriter:
 class RunFileMirror:
   """A URL run directory's appendable files, kept in a local folder and copied up.
 
-  `local` is `config.local_dir(url)`; push copies every file under NAMES
+  `local` is `paths.local_dir(url)`; push copies every file under NAMES
   there that changed since the last push (by size and mtime) to the same
   relative path under the URL.
   """
@@ -176,8 +172,8 @@ class RunFileMirror:
   NAMES = (METRICS_FILE, SUPERSEDED_FILE, "tensorboard", "profile")
 
   def __init__(self, url: str, every_s: float = 60.0):
-    self.url = config_lib.run_dir(url)
-    self.local = config_lib.local_dir(self.url)
+    self.url = paths.run_dir(url)
+    self.local = paths.local_dir(self.url)
     self.every_s = every_s
     self._sent: dict[str, tuple[int, int]] = {}
     self._last = time.monotonic()

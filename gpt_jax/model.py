@@ -2,9 +2,9 @@
 
 One `GPT` module serves GPT-1 (post-LN), GPT-2 (pre-LN, depth-scaled init)
 and GPT-3-style alternating dense / locally banded attention, for training,
-evaluation, KV-cache sampling and fine-tuning. It reads its hyper-parameters
-from a `config.model` ConfigDict (see configs/base.py) or any object with the
-same attributes.
+evaluation, KV-cache sampling and fine-tuning. Its hyper-parameters are a
+`model_config.ModelConfig` (a `config.model` section is converted on the way
+in).
 
 Shape suffixes: B batch, T query positions, S key positions (cache slots),
 D d_model, H heads, K head dim, F MLP width, V vocab, L layers.
@@ -13,12 +13,15 @@ D d_model, H heads, K head dim, F MLP width, V vocab, L layers.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gpt_jax import model_config
+from gpt_jax.errors import ConfigError
+from gpt_jax.model_config import ModelConfig, layer_windows, padded_vocab_size
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -30,18 +33,6 @@ REMAT_POLICIES = {
 _NO_WINDOW = 2**30
 # jax.nn.dot_product_attention's implementation for attention_impl="cudnn".
 CUDNN_IMPLEMENTATION = "cudnn"
-
-
-def padded_vocab_size(cfg) -> int:
-  """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
-  m = cfg.vocab_pad_multiple
-  return -(-cfg.vocab_size // m) * m
-
-
-def layer_windows(cfg) -> list[int | None]:
-  """Attention window of each layer: None (dense) or cfg.local_window."""
-  pattern = tuple(cfg.attention_pattern)
-  return [None if pattern[i % len(pattern)] == "dense" else cfg.local_window for i in range(cfg.num_layers)]
 
 
 def residual_init_std(cfg) -> float:
@@ -81,8 +72,7 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   if max_len > cfg.block_size:
     raise ValueError(f"cache of {max_len} slots exceeds model.block_size={cfg.block_size}")
   dtype = dtype or DTYPES[cfg.dtype]
-  head_dim = cfg.d_model // cfg.num_heads
-  shape = (batch_size, cfg.num_heads, max_len, head_dim)
+  shape = (batch_size, cfg.num_heads, max_len, cfg.d_model // cfg.num_heads)
   if cfg.scan_layers:
     k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in "kv")
   else:
@@ -90,9 +80,10 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   return {"k": k, "v": v, "end": jnp.zeros((), jnp.int32)}
 
 
-# Up to this many rows (decoding), XLA:CPU multiplies [N, K] weights by [K, M]
-# activations (transposed products): see _lm_head and transpose_kernels.
-_CPU_FEW_ROWS = 64
+# Up to this many rows (decoding), few-row products are computed transposed
+# ([N, K] weights by [K, M] activations) when the config asks for it: see
+# _lm_head (few_row_head) and Projection (kernel_layout="out_in").
+_FEW_ROWS = 64
 
 
 def _normal(std, axes):
@@ -104,7 +95,7 @@ def _zeros(axes):
 
 
 class LayerNorm(nn.Module):
-  cfg: Any
+  cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -127,7 +118,7 @@ class Projection(nn.Module):
   reshapes it, which logical sharding constraints cannot follow.
   """
 
-  cfg: Any
+  cfg: ModelConfig
   features: tuple[int, ...]
   axes: tuple[str, ...]  # Logical names of the kernel: input axes, then output axes.
   std: float
@@ -140,41 +131,19 @@ class Projection(nn.Module):
     ins, outs = "abcd"[: self.num_in], "efgh"[: len(self.features)]
     bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
     bias = bias.astype(dtype).reshape((1,) * (x.ndim - self.num_in) + bias.shape)
-    if not getattr(self.cfg, "kernels_out_in", False):
+    if self.cfg.kernel_layout == "in_out":
       kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
       return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
-    # Kernels stored [outputs..., inputs...] (see transpose_kernels): decoding on CPU.
+    # Kernels stored [outputs..., inputs...] (layout.transpose_kernels): decoding on CPU.
     axes = (*self.axes[self.num_in :], *self.axes[: self.num_in])
     kernel = self.param("kernel", _normal(self.std, axes), (*self.features, *in_shape), param_dtype)
     lead = x.shape[: x.ndim - self.num_in]
     rows, n_in, n_out = int(np.prod(lead)), int(np.prod(in_shape)), int(np.prod(self.features))
-    if rows > _CPU_FEW_ROWS:
+    if rows > _FEW_ROWS:
       return jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
     kernel_NK = kernel.reshape(n_out, n_in).astype(dtype)
     y_NM = jnp.einsum("NK,MK->NM", kernel_NK, x.reshape(rows, n_in).astype(dtype))
     return jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features) + bias
-
-
-def transpose_kernels(params):
-  """Projection kernels [inputs..., outputs...] -> [outputs..., inputs...], the
-  layout of a model config with `kernels_out_in=True`.
-
-  Measured on XLA:CPU with 8 rows: [N, K] x [K, M] runs about 2x faster than
-  [M, K] x [K, N] for the 768-3072 wide layer kernels, so the sampler
-  transposes them once per call on CPU. A scanned model's leading layer axis
-  stays first. The attention output projection has two input axes (heads, kv).
-  """
-
-  def move(path, x):
-    names = [getattr(p, "key", "") for p in path]
-    if names[-1] != "kernel":
-      return x
-    num_in = 2 if names[-3:-1] == ["attn", "c_proj"] else 1
-    start = 1 if "blocks" in names else 0  # scan_layers: [L, ...]
-    order = list(range(start)) + list(range(start + num_in, x.ndim)) + list(range(start, start + num_in))
-    return x.transpose(order)
-
-  return jax.tree_util.tree_map_with_path(move, params)
 
 
 def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
@@ -189,8 +158,6 @@ def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
 
 def _cudnn_attend(q_BTHK, k_BTHK, v_BTHK, window):
   """cuDNN flash attention over T == S positions: causal, banded to `window` keys if given."""
-  from gpt_jax.config import ConfigError
-
   try:
     return jax.nn.dot_product_attention(
       q_BTHK,
@@ -210,7 +177,7 @@ def _cudnn_attend(q_BTHK, k_BTHK, v_BTHK, window):
 
 
 class CausalSelfAttention(nn.Module):
-  cfg: Any
+  cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
@@ -278,7 +245,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-  cfg: Any
+  cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD):
@@ -299,7 +266,7 @@ class Block(nn.Module):
   (query slots, key validity, cache end) is shared by all layers.
   """
 
-  cfg: Any
+  cfg: ModelConfig
   deterministic: bool
   window: int | None = None
 
@@ -323,10 +290,10 @@ class Block(nn.Module):
     return x_BTD, new_kv
 
 
-def _lm_head(x_BTD, wte_VD):
+def _lm_head(x_BTD, wte_VD, few_row_head: bool):
   """Tied LM head (GPT-1/2): logits = h @ wte^T, accumulated in float32."""
   B, T, D = x_BTD.shape
-  if B * T <= _CPU_FEW_ROWS and jax.default_backend() == "cpu":
+  if few_row_head and B * T <= _FEW_ROWS:
     # Measured on XLA:CPU for the 50k x 768 table: [M, D] x [D, V] with 2-32
     # rows runs 1.5-2x slower than the transposed product [V, D] x [D, M]
     # (which streams the table once); the barrier stops XLA from folding the
@@ -337,9 +304,13 @@ def _lm_head(x_BTD, wte_VD):
 
 
 class GPT(nn.Module):
-  """GPT language model. `cfg` is `config.model` (see configs/base.py)."""
+  """GPT language model. `cfg`: a ModelConfig, or a `config.model` section (converted)."""
 
-  cfg: Any
+  cfg: ModelConfig
+
+  def __post_init__(self):
+    object.__setattr__(self, "cfg", model_config.of(self.cfg))
+    super().__post_init__()
 
   @nn.compact
   def __call__(
@@ -377,10 +348,7 @@ class GPT(nn.Module):
     wte_VD = self.param(
       "wte", _normal(cfg.init_std, ("vocab", "embed")), (padded_vocab_size(cfg), cfg.d_model), param_dtype
     )
-    wpe_PD = self.param(
-      "wpe", _normal(cfg.init_std, ("positions", "embed")), (cfg.block_size, cfg.d_model), param_dtype
-    )
-    x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)).astype(dtype)
+    x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + self._positions(positions_BT)).astype(dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
@@ -413,13 +381,32 @@ class GPT(nn.Module):
 
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype))[..., : cfg.vocab_size]
+    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)[..., : cfg.vocab_size]
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
     out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
     if cache is None:
       return out
     new_cache = {"k": new_kv_L[0], "v": new_kv_L[1], "end": start + T}
     return out, new_cache
+
+  def _positions(self, positions_BT):
+    """Position embeddings [B, T, D]: rows of the learned table `wpe` (see position_tables)."""
+    cfg = self.cfg
+    ((name, shape),) = position_tables(cfg).items()
+    table_PD = self.param(name, _normal(cfg.init_std, ("positions", "embed")), shape, DTYPES[cfg.param_dtype])
+    return jnp.take(table_PD, positions_BT, axis=0)
+
+
+def position_tables(cfg) -> dict[str, tuple[int, ...]]:
+  """The position-embedding parameters, {name: shape}: tables looked up by
+  position and never multiplied. GPT-1/2/3 learn one, `wpe` [block_size, D].
+
+  Everything that must tell them apart from matmul weights asks here: the
+  non-embedding parameter count and FLOPs per token (Kaplan et al. 2020 and
+  the PaLM formula count N without them), the weight-decay mask, Hugging
+  Face conversion and the planner.
+  """
+  return {"wpe": (cfg.block_size, cfg.d_model)}
 
 
 def param_count(params) -> int:
@@ -428,12 +415,14 @@ def param_count(params) -> int:
 
 def abstract_params(cfg, batch_size: int = 1):
   """Parameter shapes (boxed with logical axes) via jax.eval_shape: no memory."""
+  cfg = model_config.of(cfg)
   tokens = jax.ShapeDtypeStruct((batch_size, min(cfg.block_size, 8)), jnp.int32)
   return jax.eval_shape(lambda t: GPT(cfg).init(jax.random.key(0), t)["params"], tokens)
 
 
 def init_params(cfg, rng):
   """Randomly initialised parameters (plain arrays, logical boxes removed)."""
+  cfg = model_config.of(cfg)
   tokens = jnp.zeros((1, min(cfg.block_size, 8)), jnp.int32)
   return nn.unbox(GPT(cfg).init(rng, tokens)["params"])
 

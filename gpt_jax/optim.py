@@ -5,6 +5,21 @@ from __future__ import annotations
 import jax
 import optax
 
+from gpt_jax import errors
+from gpt_jax import model as model_lib
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def validate(config) -> None:
+  """config.optim (see configs/base.py)."""
+  errors.positive(config, "optim.lr")
+  errors.non_negative(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps")
+  errors.one_of(config, "optim.schedule", SCHEDULES)
+  errors.in_range(config, "optim.min_lr_ratio", 0.0, 1.0, hi_inclusive=True)
+  errors.in_range(config, "optim.b1", 0.0, 1.0)
+  errors.in_range(config, "optim.b2", 0.0, 1.0)
+
 
 def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine / linear decay to lr * min_lr_ratio.
@@ -27,18 +42,19 @@ def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
-def decay_mask(params):
+def decay_mask(params, lookup_only=("wpe",)):
   """Weight decay on the matmul weights only: every kernel, and wte (it is
-  also the tied output projection). Never on biases, LayerNorm gains or the
-  position table wpe, which multiplies nothing.
+  also the tied output projection). Never on biases, LayerNorm gains or
+  `lookup_only` tables (the position embeddings: model.position_tables),
+  which multiply nothing.
 
   Scanned layers add a leading layer axis, so the test is on the name, not
   only on the rank.
   """
 
   def is_matmul_weight(path, x):
-    name = jax.tree_util.keystr(path)
-    return x.ndim >= 2 and not any(n in name for n in ("bias", "scale", "wpe"))
+    names = [str(getattr(p, "key", p)) for p in path]
+    return x.ndim >= 2 and names[-1] not in ("bias", "scale") and not set(names) & set(lookup_only)
 
   return jax.tree_util.tree_map_with_path(is_matmul_weight, params)
 
@@ -55,7 +71,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
       b2=o.b2,
       eps=o.eps,
       weight_decay=o.weight_decay,
-      mask=decay_mask,
+      mask=lambda params: decay_mask(params, tuple(model_lib.position_tables(config.model))),
     )
   )
   return optax.chain(*parts)

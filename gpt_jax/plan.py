@@ -8,7 +8,7 @@
 
 Without --target: parameter counts from shapes (jax.eval_shape) and FLOPs per
 token by the PaLM formula, in about a second. With a target, the real train
-step (the one train.run jits: same shardings, donation, accumulation) is
+step (train.build, which train.run calls: same shardings, donation, accumulation) is
 compiled ahead of time for the target's devices from ShapeDtypeStructs, so no
 parameter is ever allocated:
 - tpu:GEN:SHAPE or tpu:ACCELERATOR_TYPE (tpu:v5e:2x4, tpu:v5litepod-16,
@@ -35,33 +35,25 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from jax.experimental import topologies
+from ml_collections import config_flags
 
+from gpt_jax import cli, hardware, metrics, optim, pretrain, sharding, train
 from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
-from gpt_jax.config import UserError
+from gpt_jax.errors import ConfigError, UserError
 
-# Tables that are looked up rather than multiplied; Kaplan et al. (2020) and
-# the PaLM MFU formula count N without them.
-EMBEDDINGS = ("wte", "wpe")
-GiB = 1024**3
+GiB = hardware.GiB
 RUNGS = ("gpt1", "gpt2_small", "gpt3_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
 REMATS = ("none", "dots_saveable", "full")  # Least to most recompute.
-
-# TPU generations: HBM per chip, bf16 peak FLOP/s per chip (../shared/REFERENCE.md; v6e:
-# Cloud TPU v6e documentation), and whether accelerator-type names count
-# TensorCores (2 per chip: v4-32 is 16 chips) or chips (v5litepod-16).
-TPU_CHIPS = {
-  # v4 chips hold two TensorCores that XLA drives as one device ("megacore").
-  "v4": {"hbm": 32 * GiB, "peak": 275e12, "cores_per_chip": 2, "dims": 3, "chip_config": "megacore"},
-  "v5e": {"hbm": 16 * GiB, "peak": 197e12, "cores_per_chip": 1, "dims": 2},
-  "v5p": {"hbm": 95 * GiB, "peak": 459e12, "cores_per_chip": 2, "dims": 3},
-  "v6e": {"hbm": 32 * GiB, "peak": 918e12, "cores_per_chip": 1, "dims": 2},
-}
-_TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 # Standard slice shapes by chip count (Cloud TPU docs: v5e/v6e 2D, v4/v5p 3D tori).
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _EXAMPLES = {2: "2x4", 3: "2x2x2"}
@@ -76,40 +68,21 @@ _SHAPES_3D = {
   512: "8x8x8",
 }
 
-# GPUs: total memory as nvidia-smi reports it, bf16 dense peak (../shared/REFERENCE.md;
-# H200 shares H100's SXM compute), and the hardware facts XLA's GPU compiler
-# reads from a target description (CUDA deviceQuery).
-GPU_SPECS = {
-  "h100": dict(
-    memory=85_045_477_376, peak=989e12, name="NVIDIA H100 80GB HBM3", cc=(9, 0), sms=132, clock_ghz=1.98,
-    l2=50 * 1024**2, bandwidth=3.35e12, smem_per_sm=233_472, smem_optin=232_448, fpus=128,
-  ),
-  "h200": dict(
-    memory=150_754_820_096, peak=989e12, name="NVIDIA H200", cc=(9, 0), sms=132, clock_ghz=1.98,
-    l2=50 * 1024**2, bandwidth=4.8e12, smem_per_sm=233_472, smem_optin=232_448, fpus=128,
-  ),
-  "a100": dict(
-    memory=85_899_345_920, peak=312e12, name="NVIDIA A100-SXM4-80GB", cc=(8, 0), sms=108, clock_ghz=1.41,
-    l2=40 * 1024**2, bandwidth=2.039e12, smem_per_sm=167_936, smem_optin=166_912, fpus=64,
-  ),
-}  # fmt: skip
-
 
 # ------------------------------------------------------------ parameters
 
 
 def param_counts(model_cfg) -> dict[str, int]:
-  """{"params": total, "non_embedding_params": total - wte - wpe} (padded vocab rows included)."""
+  """{"params": total, "non_embedding_params": total - wte - position tables} (padded vocab rows
+  included): Kaplan et al. (2020) count N without the tables that are looked up."""
   shapes = nn.unbox(model_lib.abstract_params(model_cfg))
   total = model_lib.param_count(shapes)
-  embedding = sum(int(np.prod(shapes[k].shape)) for k in EMBEDDINGS)
+  embedding = sum(int(np.prod(shapes[k].shape)) for k in ("wte", *model_lib.position_tables(model_cfg)))
   return {"params": total, "non_embedding_params": total - embedding}
 
 
 def plan(config) -> dict:
   """Shapes, parameter counts and FLOPs per token (no target, no compilation)."""
-  from gpt_jax import metrics
-
   m = config.model
   start = time.perf_counter()
   counts = param_counts(m)
@@ -154,24 +127,24 @@ def tpu_topology(name: str) -> str:
   """'v5e:2x4' as is; accelerator types ('v5litepod-16', 'v4-32', 'v6e-8') to 'GEN:SHAPE'."""
   if ":" in name:
     gen, shape = name.split(":", 1)
-    gen = _TPU_ALIASES.get(gen, gen)
-    if gen not in TPU_CHIPS or not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", shape):
+    gen = hardware.TPU_ALIASES.get(gen, gen)
+    if gen not in hardware.TPUS or not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", shape):
       raise UserError(
-        f"--target=tpu:{name}: expected GEN:SHAPE with GEN in {sorted(TPU_CHIPS)}, e.g. v5e:2x4"
+        f"--target=tpu:{name}: expected GEN:SHAPE with GEN in {sorted(hardware.TPUS)}, e.g. v5e:2x4"
       )
-    dims = TPU_CHIPS[gen]["dims"]
+    dims = hardware.TPUS[gen].dims
     if dims == 3 and shape.count("x") == 1:
       shape += "x1"  # v4:2x2 is the 2x2x1 torus.
     if shape.count("x") + 1 != dims:
       raise UserError(f"--target=tpu:{name}: {gen} slices are {dims}-D (e.g. {gen}:{_EXAMPLES[dims]})")
     return f"{gen}:{shape}"
   match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
-  gen = match and _TPU_ALIASES.get(match.group(1), match.group(1))
-  if not match or gen not in TPU_CHIPS:
+  gen = match and hardware.TPU_ALIASES.get(match.group(1), match.group(1))
+  if not match or gen not in hardware.TPUS:
     raise UserError(f"--target=tpu:{name}: unknown TPU; use GEN:SHAPE (v5e:2x4) or a type like v5litepod-16")
-  spec = TPU_CHIPS[gen]
-  chips = int(match.group(2)) // spec["cores_per_chip"]
-  shapes = _SHAPES_2D if spec["dims"] == 2 else _SHAPES_3D
+  chip = hardware.TPUS[gen]
+  chips = int(match.group(2)) // chip.cores_per_chip
+  shapes = _SHAPES_2D if chip.dims == 2 else _SHAPES_3D
   if chips not in shapes:
     raise UserError(f"--target=tpu:{name}: no standard {gen} slice of {chips} chips; give GEN:SHAPE")
   return f"{gen}:{shapes[chips]}"
@@ -189,23 +162,26 @@ def parse_target(spec: str) -> Target:
     topology = tpu_topology(rest)
     gen, shape = topology.split(":")
     chips = int(np.prod([int(d) for d in shape.split("x")]))
-    return Target(spec, "tpu", gen, chips, TPU_CHIPS[gen]["hbm"], TPU_CHIPS[gen]["peak"], topology)
+    chip = hardware.TPUS[gen]
+    return Target(spec, "tpu", gen, chips, chip.memory_bytes, chip.peak_flops, topology)
   if platform == "cuda":
     kind, _, count = rest.partition(":")
-    if kind not in GPU_SPECS:
+    if kind not in hardware.GPUS:
       raise UserError(
-        f"--target={spec}: GPU kind must be one of {sorted(GPU_SPECS)} (cuda:h100 or cuda:h100:16)"
+        f"--target={spec}: GPU kind must be one of {sorted(hardware.GPUS)} (cuda:h100 or cuda:h100:16)"
       )
     if count and not re.fullmatch(r"[1-9]\d*", count):
       raise UserError(f"--target={spec}: the GPU count in cuda:{kind}:N must be a positive integer")
     n = int(count) if count else 8
-    return Target(spec, "cuda", kind, n, GPU_SPECS[kind]["memory"], GPU_SPECS[kind]["peak"])
+    chip = hardware.GPUS[kind]
+    return Target(spec, "cuda", kind, n, chip.memory_bytes, chip.peak_flops)
   raise UserError(f"--target={spec}: expected tpu:..., cuda:... or cpu[:N]")
 
 
 def gpu_target_config(kind: str) -> str:
   """GpuTargetConfigProto text for XLA's GPU compiler (what it would query from a device)."""
-  g = GPU_SPECS[kind]
+  chip = hardware.GPUS[kind]
+  g = {**chip.gpu, "memory": chip.memory_bytes, "bandwidth": chip.hbm_bandwidth}
   major, minor = g["cc"]
   return f"""gpu_device_info {{
   threads_per_block_limit: 1024
@@ -234,8 +210,6 @@ device_description_str: "{g["name"]}"
 
 def _prefer_cpu_backend() -> None:
   """Compile-only targets must not start a real TPU/GPU backend on this machine."""
-  import jax
-
   if not os.environ.get("JAX_PLATFORMS"):
     try:
       jax.config.update("jax_platforms", "cpu")
@@ -245,8 +219,6 @@ def _prefer_cpu_backend() -> None:
 
 def target_devices(target: Target) -> list:
   """The devices to compile for (compile-only for tpu / cuda)."""
-  import jax
-
   _prefer_cpu_backend()
   if target.platform == "cpu":
     if target.num_devices:
@@ -262,8 +234,6 @@ def target_devices(target: Target) -> list:
         f"(XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts)"
       )
     return devices[:n]
-  from jax.experimental import topologies
-
   if target.platform == "tpu":
     if not os.environ.get("TPU_LIBRARY_PATH"):
       import importlib.util
@@ -279,7 +249,7 @@ def target_devices(target: Target) -> list:
     topo = topologies.get_topology_desc(
       platform="tpu",
       topology_name=target.topology,
-      chip_config_name=TPU_CHIPS[target.kind].get("chip_config", "default"),
+      chip_config_name=hardware.TPUS[target.kind].chip_config,
       chips_per_host_bounds=per_host,
       num_slices=1,
     )
@@ -297,66 +267,19 @@ def target_devices(target: Target) -> list:
 
 
 def _jax_version() -> str:
-  import jax
-
   return jax.__version__
 
 
 # ---------------------------------------------------------- the program
 
 
-def train_program(config, mesh):
-  """(jitted train step, abstract state, abstract batch, state shardings) as train.run builds them."""
-  import jax
-  import jax.numpy as jnp
-
-  from gpt_jax import optim, sharding, train
-
-  tc = config.train
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = tc.batch_size // tc.grad_accum_steps
-  if micro % dp:
-    raise config_lib.ConfigError(
-      f"config.train.batch_size={tc.batch_size} / train.grad_accum_steps={tc.grad_accum_steps} = {micro} "
-      f"sequences per microbatch must be divisible by mesh data*fsdp = {dp}"
-    )
-  axis_rules = sharding.rules(config)
-  task = train.Task(
-    init_params=lambda rng: model_lib.init_params(config.model, rng),
-    param_specs=model_lib.logical_specs(config.model),
-    loss_fn=train.lm_loss_fn(config.model),
-    train_iter=None,
-    eval_batches=[],
-    meta={},
-  )
-  tx = optim.make_optimizer(config)
-  schedule = optim.lr_schedule(config.optim, tc.num_steps)
-  abstract, shardings = train.state_shardings(task, tx, mesh, axis_rules, tc.seed)
-  batch_sh = sharding.batch_sharding(mesh)
-  seq = config_lib.seq_len(config)
-  batch = {"tokens": jax.ShapeDtypeStruct((tc.batch_size, seq + 1), jnp.int32, sharding=batch_sh)}
-  step = jax.jit(
-    train.make_train_step(task.loss_fn, tx, schedule, grad_accum_steps=tc.grad_accum_steps),
-    in_shardings=(shardings, batch_sh),
-    out_shardings=(shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
-  return step, abstract, batch, task
-
-
 def _device_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
   total = 0
-  for x in _leaves(tree):
+  for x in jax.tree.leaves(tree):
     shard = x.sharding.shard_shape(x.shape)
     total += int(np.prod(shard)) * x.dtype.itemsize
   return total
-
-
-def _leaves(tree):
-  import jax
-
-  return jax.tree.leaves(tree)
 
 
 # The TPU compiler's out-of-memory errors, in the two forms libtpu uses.
@@ -382,8 +305,6 @@ def _parse_oom(message: str) -> tuple[str, float, float] | None:
 
 def embedding_layout(config, mesh) -> dict:
   """How wte is sharded, replicated dims, and what padding the vocab to 128 would change."""
-  from gpt_jax import sharding
-
   rules = sharding.rules(config)
 
   def layout(model_cfg):
@@ -411,10 +332,8 @@ def embedding_layout(config, mesh) -> dict:
 
 def compile_plan(config, target: Target, devices=None) -> dict:
   """Compiles the train step for `target`; per-device memory, fit and compile time."""
-  from gpt_jax import sharding
-
   if config.model.attention_impl == "cudnn" and target.platform != "cuda":
-    raise config_lib.ConfigError(
+    raise ConfigError(
       f"config.model.attention_impl='cudnn' runs on NVIDIA GPUs only, not --target={target.spec}; "
       "use 'xla' or 'dot_product_attention'"
     )
@@ -440,7 +359,8 @@ def compile_plan(config, target: Target, devices=None) -> dict:
   }
   # Shapes and shardings outside the mesh context: eager ops (a PRNG key)
   # cannot run on compile-only devices.
-  step, abstract, batch, _ = train_program(config, mesh)
+  program, batch, _ = pretrain.train_program(config, mesh)
+  step, abstract = program.step, program.abstract
   out["params_bytes"] = _device_bytes(abstract.params)
   out["opt_state_bytes"] = _device_bytes(abstract.opt_state)
   with sharding.activate(mesh, rules):
@@ -504,11 +424,6 @@ def xla_flops_per_token(config) -> dict:
   cost, extrapolated linearly to num_layers (layers are identical). Remat is
   off, so this is the model's FLOPs, comparable with the PaLM formula.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from gpt_jax import optim, train
-
   period = len(config.model.attention_pattern)
   seq = config_lib.seq_len(config)
   flops = []
@@ -516,9 +431,9 @@ def xla_flops_per_token(config) -> dict:
     cfg = copy.deepcopy(config)
     cfg.model.update(num_layers=layers, scan_layers=False, remat="none")
     tx = optim.make_optimizer(cfg)
-    step = train.make_train_step(train.lm_loss_fn(cfg.model), tx, optim.lr_schedule(cfg.optim, 10))
+    step = train.make_train_step(pretrain.lm_loss_fn(cfg.model), tx, optim.lr_schedule(cfg.optim, 10))
     params = jax.eval_shape(lambda m=cfg.model: model_lib.init_params(m, jax.random.key(0)))
-    state = jax.eval_shape(lambda p, tx=tx: train._new_state(p, tx, 0), params)
+    state = jax.eval_shape(lambda p, tx=tx: train.new_state(p, tx, 0), params)
     batch = {"tokens": jax.ShapeDtypeStruct((1, seq + 1), jnp.int32)}
     cost = jax.jit(step).lower(state, batch).cost_analysis()
     flops.append(float(cost["flops"]) / seq)
@@ -528,8 +443,6 @@ def xla_flops_per_token(config) -> dict:
 
 def plan_target(config, target: Target, *, cross_check: bool = True) -> dict:
   """plan() + the compiled memory plan for target + embedding layout (+ XLA FLOPs cross-check)."""
-  from gpt_jax import sharding
-
   _prefer_cpu_backend()  # Before plan() traces the model, which starts the default backend.
   out = plan(config)
   devices = target_devices(target)
@@ -565,8 +478,6 @@ def suggest(config, target: Target, *, saturation_tokens: int = 4096, log=print)
   matmuls are busy and a bigger batch buys little), then less recompute, then
   the larger batch.
   """
-  from gpt_jax import sharding
-
   devices = target_devices(target)
   mesh = sharding.make_mesh(config.mesh, devices)
   dp = int(mesh.shape["data"] * mesh.shape["fsdp"])
@@ -613,58 +524,15 @@ def best_setting(trials: list[dict], seq_len: int, saturation_tokens: int) -> di
 # ---------------------------------------------------------------- ladder
 
 
-def load_config_file(path: str):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(f"_plan_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def apply_overrides(config, overrides: list[str]):
-  """Applies "--config.a.b=value" strings (as on the command line) to a config."""
-  import ast
-
-  for item in overrides:
-    dotted, eq, raw = item.removeprefix("--config.").partition("=")
-    if not eq:
-      raise UserError(f"{item}: give overrides as --config.FIELD=VALUE")
-    *path, leaf = dotted.split(".")
-    node = config
-    try:
-      for p in path:
-        node = node[p]
-      old = node[leaf]
-    except (KeyError, TypeError):
-      raise UserError(f"{item}: the config has no field {dotted!r}") from None
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    if isinstance(old, bool) and isinstance(value, (str, int)):
-      words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-      if str(value).lower() not in words:
-        raise UserError(f"{item}: {dotted} is a bool (true / false), not {raw!r}")
-      value = words[str(value).lower()]
-    elif isinstance(old, float) and isinstance(value, int):
-      value = float(value)
-    try:
-      node[leaf] = value
-    except TypeError:
-      raise UserError(f"{item}: {dotted} must be {type(old).__name__}, not {raw!r}") from None
-  return config
-
-
 def ladder(target: Target, overrides: list[str], configs_dir: str, *, log=print) -> list[dict]:
   rows = []
   for rung in RUNGS:
-    config = apply_overrides(load_config_file(os.path.join(configs_dir, f"{rung}.py")), overrides)
+    config = cli.load_config(os.path.join(configs_dir, f"{rung}.py"), overrides)
     config = config_lib.validate(config)
     log(f"  {rung} ...")
     try:
       row = {"rung": rung, **plan_target(config, target, cross_check=False)}
-    except config_lib.ConfigError as e:
+    except ConfigError as e:
       row = {"rung": rung, "error": str(e)}
     rows.append(row)
   return rows
@@ -809,10 +677,6 @@ def cpu_device_flags(argv: list[str], xla_flags: str) -> str:
 
 
 def main(argv) -> None:
-  import sys
-
-  from absl import flags
-
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
@@ -862,9 +726,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
-
   # Defined only when run as a program, so importing plan() defines no flags.
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_xl.py.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
@@ -877,8 +738,6 @@ if __name__ == "__main__":
   )
   flags.DEFINE_bool("check", False, "Exit with status 3 if it does not fit (launch/* --preflight).")
   flags.DEFINE_bool("cross_check", True, "Also count FLOPs with XLA's cost analysis of unrolled models.")
-  import sys
-
   sys.argv, _LADDER_OVERRIDES = split_ladder_overrides(sys.argv)
   os.environ["XLA_FLAGS"] = cpu_device_flags(sys.argv, os.environ.get("XLA_FLAGS", ""))
-  config_lib.run(main)
+  cli.run(main)

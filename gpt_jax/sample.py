@@ -22,13 +22,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from gpt_jax import config as config_lib
-from gpt_jax import convert
+from gpt_jax import cli, layout, loading, model_config, sharding
 from gpt_jax import model as model_lib
+from gpt_jax.errors import UserError
 
 # --------------------------------------------------------------- sampling
 
@@ -311,24 +310,22 @@ def _cpu_decode_layout(params):
   and XLA:CPU copies each slice (at batch 8 on 6 x 768: 42 ms a step against
   21 ms unrolled); few-row products run about 2x faster on [out, in] kernels.
   """
-  return model_lib.transpose_kernels(convert.unstack_blocks(params))
+  return layout.transpose_kernels(layout.unstack_blocks(params))
 
 
 _CPU_LAYOUT_FROM_STEPS = 16
 
 
-def _freeze(cfg):
-  if isinstance(cfg, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    return ml_collections.FrozenConfigDict(cfg)
-  return ml_collections.FrozenConfigDict(dict(vars(cfg)))
-
-
-def _params_mesh(params):
-  for leaf in jax.tree.leaves(params):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      return sharding.mesh
-  return None
+def decode_config(model_cfg, max_new_tokens: int, mesh) -> model_config.ModelConfig:
+  """The ModelConfig `decode` compiles: on CPU the tied head is computed transposed for few
+  rows and, for a decode of 16+ tokens on unsharded params, the weights are copied once per
+  call into the layout XLA:CPU decodes fastest (unrolled layers, [out, in] kernels)."""
+  cfg = model_config.of(model_cfg)
+  if jax.default_backend() != "cpu":
+    return cfg
+  if mesh is None and max_new_tokens >= _CPU_LAYOUT_FROM_STEPS:
+    return model_config.of(cfg, few_row_head=True, kernel_layout="out_in", scan_layers=False)
+  return model_config.of(cfg, few_row_head=True)
 
 
 def prompt_bucket(length: int, cap: int) -> int:
@@ -355,26 +352,29 @@ class Decoded:
   logits_BNV: np.ndarray | None = None
 
 
-def check_sampling(temperature, top_k, top_p, max_new_tokens=0) -> None:
-  """Raises UserError for a setting generate cannot use."""
+def check_sampling(temperature, top_k, top_p, max_new_tokens=0, *, prefix: str = "") -> None:
+  """Raises UserError for a setting generate cannot use; `prefix` ("config.sample.") names the fields."""
 
   def is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
+  def number(x):
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
   if not is_int(max_new_tokens) or max_new_tokens < 0:
-    raise config_lib.UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-  if not temperature >= 0:
-    raise config_lib.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    raise UserError(f"{prefix}max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+  if not number(temperature) or not temperature >= 0:
+    raise UserError(f"{prefix}temperature={temperature!r} must be >= 0 (0 = greedy)")
   if not is_int(top_k) or top_k < 0:
-    raise config_lib.UserError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
-  if not 0 < top_p <= 1:
-    raise config_lib.UserError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    raise UserError(f"{prefix}top_k={top_k!r} must be an integer >= 0 (0 = off)")
+  if not number(top_p) or not 0 < top_p <= 1:
+    raise UserError(f"{prefix}top_p={top_p!r} must be in (0, 1] (1 = off)")
 
 
 def _prepare(cfg, prompts, max_new_tokens, eot_id):
   check_sampling(0.0, 0, 1.0, max_new_tokens)
   if max_new_tokens >= cfg.block_size:
-    raise config_lib.UserError(
+    raise UserError(
       f"max_new_tokens={max_new_tokens} must be < model.block_size={cfg.block_size} (room for the prompt)"
     )
   room = cfg.block_size - max_new_tokens
@@ -382,10 +382,10 @@ def _prepare(cfg, prompts, max_new_tokens, eot_id):
   for n, prompt in enumerate(prompts):
     prompt = [int(t) for t in prompt] or ([] if eot_id is None else [eot_id])
     if not prompt:
-      raise config_lib.UserError(f"prompt {n} is empty and no eot_id was given to start from")
+      raise UserError(f"prompt {n} is empty and no eot_id was given to start from")
     bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
     if bad:
-      raise config_lib.UserError(f"prompt {n} has token id {bad[0]} outside [0, {cfg.vocab_size})")
+      raise UserError(f"prompt {n} has token id {bad[0]} outside [0, {cfg.vocab_size})")
     rows.append(prompt[-room:])
   longest = max(len(p) for p in prompts)
   if longest > room:
@@ -435,7 +435,7 @@ def decode(
   B, P = tokens_BP.shape
   _, stop_QL = _stop_array(stop_sequences)
   mode = _Mode(num_steps=max_new_tokens, greedy=temperature == 0, keep_logits=keep_logits)
-  mesh = _params_mesh(params)
+  mesh = sharding.params_mesh(params)
   num_slots = P + max_new_tokens - 1
   consts = {
     "valid_BS": np.arange(num_slots)[None, :] >= (P - lengths_B)[:, None],
@@ -454,14 +454,11 @@ def decode(
     return Decoded(
       np.zeros((B, 0), np.int32), 0, np.zeros((B, 0, model_cfg.vocab_size)) if keep_logits else None
     )
-  frozen = _freeze(model_cfg)
-  if mesh is None and jax.default_backend() == "cpu" and max_new_tokens >= _CPU_LAYOUT_FROM_STEPS:
-    # One copy of the weights per call (a few steps' time) in the layout
-    # XLA:CPU decodes fastest: unrolled layers, [out, in] kernels.
-    cpu_cfg = {**frozen.as_configdict().to_dict(), "kernels_out_in": True, "scan_layers": False}
-    frozen = ml_collections.FrozenConfigDict(cpu_cfg)
+  cfg = decode_config(model_cfg, max_new_tokens, mesh)
+  if cfg.kernel_layout == "out_in":
+    # One copy of the weights per call (a few steps' time) in the layout XLA:CPU decodes fastest.
     params = _cpu_decode_layout(params)
-  run_all, prefill, step, results = _programs(frozen, mode, mesh)
+  run_all, prefill, step, results = _programs(cfg, mode, mesh)
   if on_token is None:
     out = run_all(params, *args)
   else:
@@ -613,19 +610,16 @@ def _define_flags():
   flags.DEFINE_bool("json", False, "Print one JSON object per sample: prompt, tokens, text.")
 
 
-@config_lib.cli_main
 def main(argv):
   if len(argv) > 1:
-    raise config_lib.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
   if bool(F.workdir) == bool(F.hf_dir):
-    raise config_lib.UserError("give exactly one of --workdir or --hf_dir")
+    raise UserError("give exactly one of --workdir or --hf_dir")
   if F.num_samples < 1:
-    raise config_lib.UserError(f"--num_samples={F.num_samples} must be >= 1")
+    raise UserError(f"--num_samples={F.num_samples} must be >= 1")
   check_sampling(F.temperature, F.top_k, F.top_p, F.max_new_tokens)
-  from gpt_jax import checkpoint
-
-  cfg, params, tokenizer = checkpoint.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir)
+  cfg, params, tokenizer = loading.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir)
   stream = not F.json and sys.stdout.isatty()
   streamer = TextStreamer(tokenizer, F.stop) if stream else None
   if stream:
@@ -658,4 +652,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  config_lib.run(main)
+  cli.run(main)

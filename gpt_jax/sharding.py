@@ -15,9 +15,22 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gpt_jax.config import ConfigError
+from gpt_jax import errors
+from gpt_jax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def validate(config) -> None:
+  """config.mesh: axis sizes (one may be -1) and tensor parallelism that splits whole heads."""
+  for a in AXES:
+    v = config.mesh[a]
+    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+      errors.fail(f"mesh.{a}", v, "must be a positive integer or -1 (all remaining devices)")
+  if sum(config.mesh[a] == -1 for a in AXES) > 1:
+    errors.fail("mesh", {a: config.mesh[a] for a in AXES}, "at most one of data/fsdp/tensor may be -1")
+  if config.model.num_heads % max(config.mesh.tensor, 1):
+    errors.fail("mesh.tensor", config.mesh.tensor, f"must divide model.num_heads={config.model.num_heads}")
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -109,6 +122,15 @@ def activate(mesh, axis_rules):
   """Mesh + logical rules for tracing: with_logical_constraint needs both."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     yield
+
+
+def params_mesh(params):
+  """The mesh a params tree is sharded over, or None (unsharded / single device)."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
 
 
 def describe(mesh) -> str:

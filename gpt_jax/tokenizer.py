@@ -31,7 +31,9 @@ from pathlib import Path
 import tiktoken
 from etils import epath
 
-from gpt_jax.config import UserError, is_url, run_dir
+from gpt_jax import data_sources
+from gpt_jax.errors import UserError
+from gpt_jax.paths import is_url, run_dir
 
 EOT = "<|endoftext|>"
 # The GPT-2 pre-tokenizer: contractions, letter runs, digit runs, other symbol
@@ -446,8 +448,6 @@ def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokeni
 def _build(config, workdir: str) -> Tokenizer:
   if config.data.tokenizer == "gpt2":
     return gpt2(config.data.tokenizer_path)
-  from gpt_jax import data_sources
-
   data_dir = data_sources.resolve_data_dir(config.data, workdir)
   return train_bpe(
     data_sources.iter_documents(config.data, "train", data_dir=data_dir), config.data.bpe_vocab_size

@@ -1,8 +1,11 @@
-"""TrainState, the pure train / eval steps, and the training loop.
+"""The generic training loop: TrainState, pure train / eval steps, and `run`.
 
-The loop is generic over a `Task` (what is trained: language-model
-pretraining here, GPT-1 fine-tuning and DialoGPT in finetune.py): the same
-sharding, checkpoints, metrics and failure handling serve every job.
+`run(config, workdir, task_fn)` trains whatever a `Task` describes
+(language-model pretraining in pretrain.py, GPT-1 fine-tuning and DialoGPT
+in finetune.py) with the same sharding, checkpoints, metrics and failure
+handling. `build` is the one place the jitted train step is made (its
+shardings, donation and accumulation): `run`, the planner and the benchmark
+all call it, so what the planner compiles is what training runs.
 """
 
 from __future__ import annotations
@@ -24,23 +27,29 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from gpt_jax import checkpoint, metrics, model, optim, sharding
-from gpt_jax import config as config_lib
-from gpt_jax.config import UserError
+from gpt_jax import checkpoint, errors, loading, metrics, model, model_config, optim, paths, sharding
+from gpt_jax.errors import ConfigError, UserError
 
-# Fields that fix the parameter shapes / layout: a workdir whose saved config
-# differs in any of them is refused rather than silently retrained.
-SHAPE_FIELDS = (
-  "vocab_size",
-  "block_size",
-  "num_layers",
-  "num_heads",
-  "d_model",
-  "mlp_ratio",
-  "norm_position",
-  "vocab_pad_multiple",
-  "scan_layers",
-)
+
+def validate(config) -> None:
+  """config.train and config.checkpoint (see configs/base.py)."""
+  errors.positive_int(config, "train.batch_size", "train.grad_accum_steps", "train.max_bad_steps")
+  errors.non_negative(config, "train.num_steps", "train.seq_len")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    errors.fail(
+      "train.grad_accum_steps",
+      config.train.grad_accum_steps,
+      f"must divide train.batch_size={config.train.batch_size}",
+    )
+  if config.train.seq_len > config.model.block_size:
+    errors.fail(
+      "train.seq_len", config.train.seq_len, f"must be <= model.block_size={config.model.block_size}"
+    )
+  errors.positive_int(config, "checkpoint.every_steps", "checkpoint.keep")
+  errors.boolean(config, "checkpoint.async_save")
+
+
+# ----------------------------------------------------------------- state
 
 
 @flax.struct.dataclass
@@ -72,22 +81,6 @@ class Task:
   # (e.g. pretrained weights reshaped for a fine-tuning head). Closing over loaded
   # weights in init_params would compile them into the program as constants.
   initial_params: Callable[[Any], Any] | None = None
-
-
-def lm_loss_fn(model_cfg):
-  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32."""
-  gpt = model.GPT(model_cfg)
-
-  def loss_fn(params, batch, rng, deterministic):
-    tokens_BT1 = batch["tokens"]
-    logits_BTV = gpt.apply(
-      {"params": params}, tokens_BT1[:, :-1], deterministic=deterministic, rngs={"dropout": rng}
-    )
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
-    mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
-    return (nll_BT * mask_BT).sum(), mask_BT.sum(), {}
-
-  return loss_fn
 
 
 def _microbatches(batch, num: int):
@@ -199,7 +192,7 @@ def state_shardings(task: Task, tx, mesh, axis_rules, seed: int):
   return abstract, shardings
 
 
-def _new_state(params, tx, seed):
+def new_state(params, tx, seed):
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
     step=zero,
@@ -219,38 +212,104 @@ _CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 def init_state(task: Task, tx, shardings, seed: int, params=None):
   """Initialised directly into its shardings (no host copy of the full model)."""
   if params is None:
-    init = lambda: _new_state(task.init_params(jax.random.key(seed)), tx, seed)
+    init = lambda: new_state(task.init_params(jax.random.key(seed)), tx, seed)
     lowered = jax.jit(init, out_shardings=shardings).lower()
     on_cpu = all(d.platform == "cpu" for d in jax.tree.leaves(shardings)[0].device_set)
     return lowered.compile(compiler_options=_CPU_INIT_COMPILER_OPTIONS if on_cpu else None)()
-  return jax.jit(
-    lambda p: _new_state(p, tx, seed), in_shardings=(shardings.params,), out_shardings=shardings
-  )(params)
+  return jax.jit(lambda p: new_state(p, tx, seed), in_shardings=(shardings.params,), out_shardings=shardings)(
+    params
+  )
+
+
+# ------------------------------------------------------------ the program
+
+
+@dataclasses.dataclass
+class Program:
+  """The jitted steps of a run, with the state's abstract shapes and shardings."""
+
+  step: Callable  # jit(train_step): (state, global batch) -> (state, metrics); donates the state.
+  eval_step: Callable  # jit(eval_step): (params, global batch) -> sums.
+  abstract: TrainState  # ShapeDtypeStructs carrying the target shardings.
+  shardings: TrainState
+  tx: optax.GradientTransformation
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def check_batch(config, mesh) -> None:
+  """The global batch splits into microbatches that data x fsdp and the processes divide."""
+  tc = config.train
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = tc.batch_size // tc.grad_accum_steps
+  if micro % dp:
+    raise ConfigError(
+      f"config.train.batch_size={tc.batch_size} / train.grad_accum_steps={tc.grad_accum_steps} = {micro} "
+      f"sequences per microbatch must be divisible by mesh data*fsdp = {dp}"
+    )
+  if tc.batch_size % jax.process_count():
+    raise ConfigError(
+      f"config.train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes"
+    )
+
+
+def build(task: Task, config, mesh) -> Program:
+  """The train and eval steps of `task` on `mesh`, jitted with their shardings and donation.
+
+  Nothing is allocated: the state exists only as ShapeDtypeStructs, so the
+  planner can compile the step for devices this machine does not have.
+  """
+  check_batch(config, mesh)
+  tx = optim.make_optimizer(config)
+  schedule = optim.lr_schedule(config.optim, config.train.num_steps)
+  abstract, shardings = state_shardings(task, tx, mesh, sharding.rules(config), config.train.seed)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(
+    make_train_step(task.loss_fn, tx, schedule, grad_accum_steps=config.train.grad_accum_steps),
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(make_eval_step(task.loss_fn), in_shardings=(shardings.params, batch_sh))
+  return Program(step, eval_step, abstract, shardings, tx, batch_sh)
 
 
 # ------------------------------------------------------------------ workdir
 
 
-def prepare_workdir(config, workdir: str) -> None:
-  """Writes the resolved config; refuses a workdir trained with another model shape."""
+def check_workdir(config, workdir: str) -> None:
+  """Refuses a workdir whose checkpoints were trained with another model shape (reads only)."""
+  root = epath.Path(workdir)
+  path = root / paths.CONFIG_FILE
+  if not path.exists() or not (root / "checkpoints").is_dir():
+    return
+  old = paths.read_config(path)
+  diffs = [
+    f"model.{f}: saved {old.model.get(f)!r}, now {config.model[f]!r}"
+    for f in model_config.SHAPE_FIELDS
+    if old.model.get(f) != config.model[f]
+  ]
+  if diffs:
+    raise UserError(
+      f"workdir {workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir"
+    )
+
+
+def write_config(config, workdir: str) -> None:
+  """config.json = this run's resolved config; the one it replaces becomes config.json.previous."""
   if jax.process_index() != 0:
     return
   root = epath.Path(workdir)  # A local path or a URL (gs://...).
   root.mkdir(parents=True, exist_ok=True)
-  path = root / checkpoint.CONFIG_FILE
+  path = root / paths.CONFIG_FILE
   if path.exists():
-    old = checkpoint.load_config_file(path)
-    diffs = [
-      f"model.{f}: saved {old.model.get(f)!r}, now {config.model[f]!r}"
-      for f in SHAPE_FIELDS
-      if old.model.get(f) != config.model[f]
-    ]
-    if diffs and (root / "checkpoints").is_dir():
-      raise UserError(
-        f"workdir {workdir} holds a run with another model shape ({'; '.join(diffs)}); use a new --workdir"
-      )
-    path.replace(root / (checkpoint.CONFIG_FILE + ".previous"))
-  checkpoint.write_config_file(path, config)
+    path.replace(root / (paths.CONFIG_FILE + ".previous"))
+  paths.write_config(path, config)
+
+
+def prepare_workdir(config, workdir: str) -> None:
+  """Refuses a workdir trained with another model shape, else writes this run's config."""
+  check_workdir(config, workdir)
+  write_config(config, workdir)
 
 
 def enable_compilation_cache(config, workdir: str) -> None:
@@ -303,7 +362,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-# ---------------------------------------------------------------------- loop
+# --------------------------------------------------------------- evaluation
 
 
 def evaluate_loss(eval_fn, params, batches, mesh) -> dict:
@@ -318,111 +377,65 @@ def evaluate_loss(eval_fn, params, batches, mesh) -> dict:
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def run(config, workdir: str, task_fn: Callable | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+# ----------------------------------------------------------------------- run
 
-  `task_fn(config, workdir, mesh) -> Task` builds what is trained; default:
-  language-model pretraining (`pretrain_task`). Returns the final metrics.
+
+def run(config, workdir: str, task_fn: Callable) -> dict:
+  """Trains in `workdir` what `task_fn(config, workdir, mesh) -> Task` builds, resuming
+  from its newest checkpoint. Returns the final metrics.
+
+  Everything that can refuse the run (the saved model shape, the mesh, the
+  batch, the task's data and tokenizer, the checkpoint to resume) is checked
+  before config.json is written.
   """
-  workdir = checkpoint.run_dir(workdir)
+  workdir = paths.run_dir(workdir)
   metrics.quiet_library_logs()
-  prepare_workdir(config, workdir)
-  enable_compilation_cache(config, workdir)
+  check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
+  check_batch(config, mesh)
   axis_rules = sharding.rules(config)
-  tc = config.train
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = tc.batch_size // tc.grad_accum_steps
-  if micro % dp:
-    raise config_lib.ConfigError(
-      f"config.train.batch_size={tc.batch_size} / train.grad_accum_steps={tc.grad_accum_steps} = {micro} "
-      f"sequences per microbatch must be divisible by mesh data*fsdp = {dp}"
-    )
-  if tc.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-      f"config.train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes"
-    )
-
   with sharding.activate(mesh, axis_rules):
-    task = (task_fn or pretrain_task)(config, workdir, mesh)
-    tx = optim.make_optimizer(config)
-    schedule = optim.lr_schedule(config.optim, tc.num_steps)
-    abstract, shardings = state_shardings(task, tx, mesh, axis_rules, tc.seed)
-    sharding.log_undivided(task.param_specs, abstract.params, mesh, axis_rules)
+    task = task_fn(config, workdir, mesh)
+    enable_compilation_cache(config, workdir)
+    program = build(task, config, mesh)
+    sharding.log_undivided(task.param_specs, program.abstract.params, mesh, axis_rules)
     manager = checkpoint.make_manager(workdir, config)
-    restored = checkpoint.restore_latest(manager, abstract, task.train_iter)
-    if restored is not None:
-      state, meta, step = restored
-      for key, want in task.meta.items():
-        if key in meta and meta[key] != want:
-          raise UserError(
-            f"checkpoint {workdir}/checkpoints/{step} was written with {key}={meta[key]!r}, "
-            f"but this run has {want!r}; use a new --workdir"
-          )
-      logging.info("resumed from step %d", step)
-    else:
-      params = None
-      if task.initial_params is not None:
-        params = task.initial_params(shardings.params)
-        check_same_shapes(params, abstract.params, "the task's initial params")
-      elif config.init_from:
-        _, params = checkpoint.load_params(config.init_from, shardings=shardings.params)
-        check_same_shapes(params, abstract.params, config.init_from)
-        logging.info("initialised params from %s", config.init_from)
-      state = init_state(task, tx, shardings, tc.seed, params)
-
-    num_params = model.param_count(abstract.params)
-    seq = task.tokens_per_example
-    tokens_per_step = tc.batch_size * seq
-    peak, peak_source = metrics.peak_flops(config.log.peak_flops)
-    flops_tok = metrics.flops_per_token(config.model, seq, num_params) if seq else 0.0
-    logging.info(
-      "mesh %s | params %s | global batch %d sequences (%d per data-parallel device; microbatch %d = %d "
-      "per device, x %d accumulation steps) | %d tokens/step | %.3g FLOPs/token (PaLM) | peak %s",
-      sharding.describe(mesh),
-      f"{num_params:,}",
-      tc.batch_size,
-      tc.batch_size // dp,  # The batch is split over data x fsdp; tensor devices share their rows.
-      micro,
-      micro // dp,
-      tc.grad_accum_steps,
-      tokens_per_step,
-      flops_tok,
-      peak_source,
-    )
-
-    step_fn = jax.jit(
-      make_train_step(task.loss_fn, tx, schedule, grad_accum_steps=tc.grad_accum_steps),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-      make_eval_step(task.loss_fn), in_shardings=(shardings.params, sharding.batch_sharding(mesh))
-    )
-    writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, start_step=int(state.step))
+    state = _resume_or_init(config, workdir, task, program, manager)
+    write_config(config, workdir)
+    loop = _Loop(config, workdir, task, program, manager, mesh, start_step=int(state.step))
     try:
-      final = _loop(
-        config,
-        workdir,
-        task,
-        state,
-        step_fn,
-        eval_fn,
-        manager,
-        writer,
-        mesh,
-        tokens_per_step=tokens_per_step,
-        flops_per_step=flops_tok * tokens_per_step,
-        peak=peak,
-      )
+      final = loop.run(state)
     finally:  # Also after an error: its records are the ones worth reading (and uploading).
-      writer.close()
+      loop.writer.close()
     manager.wait_until_finished()
     manager.close()
     if hasattr(task.train_iter, "close"):  # grain worker processes and their shared memory.
       task.train_iter.close()
   return final
+
+
+def _resume_or_init(config, workdir, task: Task, program: Program, manager):
+  """The newest checkpoint that restores (and was written for this task), else a fresh state."""
+  restored = checkpoint.restore_latest(manager, program.abstract, task.train_iter)
+  if restored is not None:
+    state, meta, step = restored
+    for key, want in task.meta.items():
+      if key in meta and meta[key] != want:
+        raise UserError(
+          f"checkpoint {workdir}/checkpoints/{step} was written with {key}={meta[key]!r}, "
+          f"but this run has {want!r}; use a new --workdir"
+        )
+    logging.info("resumed from step %d", step)
+    return state
+  params = None
+  if task.initial_params is not None:
+    params = task.initial_params(program.shardings.params)
+    check_same_shapes(params, program.abstract.params, "the task's initial params")
+  elif config.init_from:
+    _, params = loading.load_params(config.init_from, shardings=program.shardings.params)
+    check_same_shapes(params, program.abstract.params, config.init_from)
+    logging.info("initialised params from %s", config.init_from)
+  return init_state(task, program.tx, program.shardings, config.train.seed, params)
 
 
 def check_same_shapes(params, abstract, source) -> None:
@@ -446,35 +459,114 @@ def _stop_trace(state, profile_dir):
   return None
 
 
-def _loop(
-  config,
-  workdir,
-  task,
-  state,
-  step_fn,
-  eval_fn,
-  manager,
-  writer,
-  mesh,
-  *,
-  tokens_per_step,
-  flops_per_step,
-  peak,
-):
-  tc = config.train
-  start = int(state.step)
-  is_main = jax.process_index() == 0
-  preempt = _Preemption()
-  bar = tqdm(total=tc.num_steps, initial=start, disable=not is_main, dynamic_ncols=True, unit="step")
-  pending = None  # (step, metrics, row indices): read one step late, so the host never stalls the device.
-  window_t, window_steps, data_wait = time.perf_counter(), 0, 0.0
-  last = {}
-  profile_dir = None
-  # The trace skips the compiling first steps when the run is long enough.
-  profile_at = start + min(2, max(tc.num_steps - start - 1, 0))
+# ---------------------------------------------------------------------- loop
 
-  def settle(pending):
-    step, out, index = pending
+
+class _Loop:
+  """One run's steps: data, the jitted step, and at their intervals logging,
+  evaluation and checkpoints. Metrics are read one step late, so the host
+  never stalls the device."""
+
+  def __init__(self, config, workdir, task: Task, program: Program, manager, mesh, *, start_step: int):
+    self.config, self.workdir, self.task, self.program = config, workdir, task, program
+    self.manager, self.mesh = manager, mesh
+    self.tc = config.train
+    self.is_main = jax.process_index() == 0
+    self.writer = metrics.MetricsWriter(workdir, tensorboard=config.log.tensorboard, start_step=start_step)
+    self.start = start_step
+    self.pending = None  # (step, metrics, row indices) of the newest step, not yet read.
+    self.last: dict = {}
+    self.tokens_per_step = self.tc.batch_size * task.tokens_per_example
+    self.flops_per_step, self.peak = self._flops(program)
+    self._new_window()
+
+  def _flops(self, program):
+    num_params = model.param_count(program.abstract.params)
+    seq = self.task.tokens_per_example
+    peak, peak_source = metrics.peak_flops(self.config.log.peak_flops)
+    flops_tok = metrics.flops_per_token(self.config.model, seq, num_params) if seq else 0.0
+    tc, mesh = self.tc, self.mesh
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = tc.batch_size // tc.grad_accum_steps
+    logging.info(
+      "mesh %s | params %s | global batch %d sequences (%d per data-parallel device; microbatch %d = %d "
+      "per device, x %d accumulation steps) | %d tokens/step | %.3g FLOPs/token (PaLM) | peak %s",
+      sharding.describe(mesh),
+      f"{num_params:,}",
+      tc.batch_size,
+      tc.batch_size // dp,  # The batch is split over data x fsdp; tensor devices share their rows.
+      micro,
+      micro // dp,
+      tc.grad_accum_steps,
+      self.tokens_per_step,
+      flops_tok,
+      peak_source,
+    )
+    return flops_tok * self.tokens_per_step, peak
+
+  def _new_window(self):
+    self.window_t, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+  def run(self, state):
+    tc, config = self.tc, self.config
+    preempt = _Preemption()
+    bar = tqdm(
+      total=tc.num_steps, initial=self.start, disable=not self.is_main, dynamic_ncols=True, unit="step"
+    )
+    profile = _Profile(
+      config.log.profile_steps, self.start, tc.num_steps, self.writer.files_dir, self.is_main
+    )
+    try:
+      for step in range(self.start, tc.num_steps):
+        profile.maybe_start(step)
+        state = self._step(state, step)
+        done = step + 1
+        bar.update(1)
+        profile.maybe_stop(state, done)
+        if done % config.log.every_steps == 0 or done == tc.num_steps:
+          self._log(state, done, bar)
+        if (config.eval.every_steps and done % config.eval.every_steps == 0) or done == tc.num_steps:
+          self._evaluate(state, done, bar)
+        stop = preempt.reached(done)
+        if stop or done % config.checkpoint.every_steps == 0 or done == tc.num_steps:
+          self._save(state, done)
+          if stop:
+            self.manager.wait_until_finished()
+            logging.warning("saved step %d after SIGTERM; exiting", done)  # On every host.
+            break
+      self._settle()
+    finally:
+      bar.close()
+      preempt.restore()
+      profile.close(state)
+      self.manager.wait_until_finished()
+    if self.task.finish is not None and int(state.step) >= tc.num_steps:
+      self.task.finish(state.params)
+    self.last["step"] = int(state.step)
+    if self.is_main:
+      logging.info(
+        "final: %s",
+        json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in self.last.items()}),
+      )
+    return self.last
+
+  def _step(self, state, step: int):
+    t0 = time.perf_counter()
+    local = next(self.task.train_iter)
+    self.data_wait += time.perf_counter() - t0
+    index = local.pop("index", None)
+    state, out = self.program.step(state, sharding.global_batch(local, self.mesh))
+    self._settle()  # The previous step's metrics: by now the device is past it.
+    self.pending = (step + 1, out, index)
+    self.window_steps += 1
+    return state
+
+  def _settle(self) -> dict | None:
+    """Reads the pending step's metrics; reports a skipped step; stops after too many in a row."""
+    if self.pending is None:
+      return None
+    step, out, index = self.pending
+    self.pending = None
     out = jax.device_get(out)
     if not out["ok"]:
       logging.warning(
@@ -483,165 +575,66 @@ def _loop(
         out["bad_in_row"],
         None if index is None else index.tolist(),
       )
-    if out["bad_in_row"] >= tc.max_bad_steps:
+    if out["bad_in_row"] >= self.tc.max_bad_steps:
       raise UserError(
         f"{out['bad_in_row']} consecutive non-finite steps (train.max_bad_steps="
-        f"{tc.max_bad_steps}) at step {step}; the last good checkpoint is kept in {workdir}"
+        f"{self.tc.max_bad_steps}) at step {step}; the last good checkpoint is kept in {self.workdir}"
       )
     return out
 
-  try:
-    for step in range(start, tc.num_steps):
-      if config.log.profile_steps and step == profile_at and is_main:
-        profile_dir = os.path.join(writer.files_dir, "profile")  # A URL workdir gets a copy.
-        jax.profiler.start_trace(profile_dir)
-      t0 = time.perf_counter()
-      local = next(task.train_iter)
-      data_wait += time.perf_counter() - t0
-      index = local.pop("index", None)
-      state, out = step_fn(state, sharding.global_batch(local, mesh))
-      if pending is not None:
-        settle(pending)
-      pending = (step + 1, out, index)
-      window_steps += 1
-      done = step + 1
-      bar.update(1)
-      if profile_dir and done == profile_at + config.log.profile_steps:
-        profile_dir = _stop_trace(state, profile_dir)
-
-      if done % config.log.every_steps == 0 or done == tc.num_steps:
-        values = settle(pending)
-        pending = None
-        elapsed = time.perf_counter() - window_t
-        record = {k: float(v) for k, v in values.items() if k not in ("ok", "bad_in_row")}
-        record["skipped_steps"] = int(jax.device_get(state.skipped))
-        record["steps_per_sec"] = window_steps / elapsed
-        if tokens_per_step:
-          record["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
-          record["mfu"] = flops_per_step * window_steps / elapsed / peak
-        record["data_wait_fraction"] = data_wait / elapsed
-        writer.write(done, record)
-        bar.set_postfix(
-          loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):.0f}", refresh=False
-        )
-        last.update(record)
-        window_t, window_steps, data_wait = time.perf_counter(), 0, 0.0
-
-      want_eval = config.eval.every_steps and done % config.eval.every_steps == 0
-      if want_eval or done == tc.num_steps:
-        if pending is not None:
-          settle(pending)
-          pending = None
-        t_eval = time.perf_counter()
-        ev = evaluate_loss(eval_fn, state.params, task.eval_batches, mesh)
-        if task.extra_eval is not None:
-          ev.update(task.extra_eval(state.params))
-        if ev:
-          writer.write(done, ev)
-          last.update(ev)
-        if ev and is_main:
-          bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-        window_t += time.perf_counter() - t_eval  # Evaluation time counts in no throughput window.
-
-      stop = preempt.reached(done)
-      if stop or done % config.checkpoint.every_steps == 0 or done == tc.num_steps:
-        if pending is not None:
-          settle(pending)
-          pending = None
-        checkpoint.save(manager, done, state, task.train_iter, task.meta, force=True)
-        if stop:
-          manager.wait_until_finished()
-          logging.warning("saved step %d after SIGTERM; exiting", done)  # On every host.
-          break
-    if pending is not None:
-      settle(pending)
-  finally:
-    bar.close()
-    preempt.restore()
-    if profile_dir:  # The run ended (or stopped) inside the traced steps.
-      _stop_trace(state, profile_dir)
-    manager.wait_until_finished()
-  if task.finish is not None and int(state.step) >= tc.num_steps:
-    task.finish(state.params)
-  last["step"] = int(state.step)
-  if is_main:
-    logging.info(
-      "final: %s", json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
+  def _log(self, state, done: int, bar) -> None:
+    values = self._settle()
+    elapsed = time.perf_counter() - self.window_t
+    record = {k: float(v) for k, v in values.items() if k not in ("ok", "bad_in_row")}
+    record["skipped_steps"] = int(jax.device_get(state.skipped))
+    record["steps_per_sec"] = self.window_steps / elapsed
+    if self.tokens_per_step:
+      record["tokens_per_sec"] = self.tokens_per_step * self.window_steps / elapsed
+      record["mfu"] = self.flops_per_step * self.window_steps / elapsed / self.peak
+    record["data_wait_fraction"] = self.data_wait / elapsed
+    self.writer.write(done, record)
+    bar.set_postfix(
+      loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_sec', 0):.0f}", refresh=False
     )
-  return last
+    self.last.update(record)
+    self._new_window()
+
+  def _evaluate(self, state, done: int, bar) -> None:
+    self._settle()
+    t_eval = time.perf_counter()
+    ev = evaluate_loss(self.program.eval_step, state.params, self.task.eval_batches, self.mesh)
+    if self.task.extra_eval is not None:
+      ev.update(self.task.extra_eval(state.params))
+    if ev:
+      self.writer.write(done, ev)
+      self.last.update(ev)
+    if ev and self.is_main:
+      bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+    self.window_t += time.perf_counter() - t_eval  # Evaluation time counts in no throughput window.
+
+  def _save(self, state, done: int) -> None:
+    self._settle()
+    checkpoint.save(self.manager, done, state, self.task.train_iter, self.task.meta, force=True)
 
 
-# --------------------------------------------------------------- pretraining
+class _Profile:
+  """A jax.profiler trace of `num_steps` steps, from the third on when the run is long enough."""
 
+  def __init__(self, num_steps: int, start: int, end: int, files_dir: str, is_main: bool):
+    self.num_steps = num_steps if is_main else 0
+    self.at = start + min(2, max(end - start - 1, 0))
+    self.files_dir = files_dir
+    self.dir = None
 
-def pretrain_task(config, workdir: str, mesh) -> Task:
-  """Language-model pretraining on config.data with the run's tokenizer."""
-  from gpt_jax import data
-  from gpt_jax import tokenizer as tokenizer_lib
+  def maybe_start(self, step: int) -> None:
+    if self.num_steps and step == self.at:
+      self.dir = os.path.join(self.files_dir, "profile")  # A URL workdir gets a copy.
+      jax.profiler.start_trace(self.dir)
 
-  config_lib.check_run_inputs(config)
-  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
-  pi, pc = jax.process_index(), jax.process_count()
-  train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
-  eval_bs = config.eval.batch_size or config.train.batch_size
-  eval_batches = data.make_eval_batches(
-    config,
-    tok,
-    workdir,
-    process_index=pi,
-    process_count=pc,
-    batch_size=eval_bs,
-    num_batches=config.eval.num_batches,
-  )
-  data.check_same_on_every_process(data.prepare_cache(config, tok, workdir, process_index=pi))
+  def maybe_stop(self, state, done: int) -> None:
+    if self.dir and done == self.at + self.num_steps:
+      self.dir = _stop_trace(state, self.dir)
 
-  extra_eval = None
-  if config.eval.tasks:
-    from gpt_jax import evaluate
-
-    def extra_eval(params):
-      results = evaluate.run_tasks(config.model, params, tok, list(config.eval.tasks), batch_size=eval_bs)
-      return {
-        f"{name}/{k}": v
-        for name, m in results.items()
-        for k, v in m.items()
-        if isinstance(v, int | float) and not k.endswith("_stderr")
-      }
-
-  def finish(params):
-    main = jax.process_index() == 0
-    if main:
-      baseline = data.unigram_loss(config, tok, workdir)
-      logging.info("unigram baseline on the validation tokens: %.4f nats/token", baseline)
-      print(f"unigram baseline (validation): {baseline:.4f} nats/token", flush=True)
-    s = config.sample
-    if s.num_samples > 0:
-      from gpt_jax import sample
-
-      # Every process samples: the parameters are sharded over all of them.
-      prompts = [s.prompt] * s.num_samples
-      texts = sample.generate_text(
-        config.model,
-        params,
-        tok,
-        prompts,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        seed=config.train.seed,
-      )
-      for i, text in enumerate(texts if main else []):
-        print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
-
-  return Task(
-    init_params=lambda rng: model.init_params(config.model, rng),
-    param_specs=model.logical_specs(config.model),
-    loss_fn=lm_loss_fn(config.model),
-    train_iter=train_iter,
-    eval_batches=eval_batches,
-    meta={"tokenizer": tok.fingerprint},
-    extra_eval=extra_eval,
-    finish=finish,
-    tokens_per_example=config_lib.seq_len(config),
-  )
+  def close(self, state) -> None:
+    if self.dir:  # The run ended (or stopped) inside the traced steps.
+      self.dir = _stop_trace(state, self.dir)

@@ -2,7 +2,7 @@
 
 etils.epath (without TensorFlow) opens gs:// through fsspec's "gcs"
 filesystem, which `install` replaces with a LocalFileSystem that rewrites the
-URL; Orbax reaches a real bucket through tensorstore, so checkpoint._abs maps
+URL; Orbax reaches a real bucket through tensorstore, so paths.absolute maps
 its gs:// paths onto the same folder. Everything else takes the code path a
 real bucket takes. Subprocesses get it from a sitecustomize.py that calls
 `install($FAKE_GCS_ROOT)` (see `subprocess_env`).
@@ -32,22 +32,22 @@ class FakeGCS(LocalFileSystem):
 
 def install(root: str):
   """Maps gs://BUCKET/PATH onto root/BUCKET/PATH; returns a function that undoes it."""
-  from gpt_jax import checkpoint
+  from gpt_jax import paths
 
   FakeGCS.root = str(root)
   for name in ("gs", "gcs"):
     fsspec.register_implementation(name, FakeGCS, clobber=True)
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  real_abs = checkpoint._abs
+  real_abs = paths.absolute
 
   def orbax_abs(path):
     p = str(path)
     return real_abs(os.path.join(FakeGCS.root, p[len("gs://") :]) if p.startswith("gs://") else p)
 
-  checkpoint._abs = orbax_abs
+  paths.absolute = orbax_abs
 
   def uninstall():
-    checkpoint._abs = real_abs
+    paths.absolute = real_abs
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
   return uninstall

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from configs import debug
-from gpt_jax import bench, metrics
+from gpt_jax import bench, errors, metrics
 from gpt_jax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def nothing_runs(monkeypatch):
 )
 def test_train_benchmark_rejects_bad_arguments_up_front(nothing_runs, kw, flag):
   config = config_lib.validate(debug.get_config())
-  with pytest.raises(config_lib.UserError) as e:
+  with pytest.raises(errors.UserError) as e:
     bench.bench_train(config, **{"steps": 4, "warmup": 1, "rounds": 2, **kw}, log=lambda s: None)
   assert str(e.value).startswith(flag), str(e.value)
 
@@ -143,7 +143,7 @@ def test_train_benchmark_rejects_bad_arguments_up_front(nothing_runs, kw, flag):
 def test_sample_benchmark_rejects_bad_arguments_up_front(nothing_runs, kw, flag):
   config = config_lib.validate(debug.get_config())
   args = {"batch_sizes": (1,), "prompt_len": 4, "max_new_tokens": 4, "rounds": 1, **kw}
-  with pytest.raises(config_lib.UserError) as e:
+  with pytest.raises(errors.UserError) as e:
     bench.bench_sample(config, **args, log=lambda s: None)
   assert str(e.value).startswith(flag), str(e.value)
 

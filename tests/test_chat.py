@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import debug
-from gpt_jax import chat, checkpoint, finetune, model, sample, tokenizer, train
+from gpt_jax import chat, checkpoint, finetune, model, pretrain, sample, tokenizer
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
 
@@ -92,7 +92,7 @@ def test_training_loss_is_the_response_tokens_negative_log_likelihood():
     "tokens": jnp.asarray(arrays["tokens"], jnp.int32),
     "mask": jnp.asarray(arrays["mask"], jnp.float32),
   }
-  loss_sum, weight, _ = jax.jit(train.lm_loss_fn(cfg), static_argnums=3)(
+  loss_sum, weight, _ = jax.jit(pretrain.lm_loss_fn(cfg), static_argnums=3)(
     params, batch, jax.random.key(0), True
   )
   want, count = 0.0, 0

@@ -12,7 +12,7 @@ import pytest
 
 from configs import debug
 from gpt_jax import config as config_lib
-from gpt_jax import model, plan
+from gpt_jax import errors, model, model_config, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
@@ -31,7 +31,7 @@ def test_every_config_file_loads_and_validates(path):
   config = _load_by_path(path)
   if config.job == "finetune" and not config.finetune.train_path and not config.finetune.tfds_name:
     # Fine-tuning templates take their data on the command line (--config.finetune.train_path=...).
-    with pytest.raises(config_lib.ConfigError, match=r"^config\.finetune\.train_path=''"):
+    with pytest.raises(errors.ConfigError, match=r"^config\.finetune\.train_path=''"):
       config_lib.validate(config)
     config.finetune.train_path = "train.jsonl"
   config = config_lib.validate(config)
@@ -114,15 +114,15 @@ def _debug(**changes):
   ],
 )
 def test_bad_values_give_one_line_error_naming_the_field(changes, field):
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config_lib.validate(_debug(**changes))
   msg = str(e.value)
   assert msg.startswith(f"config.{field}=") and "\n" not in msg, msg
 
 
 def test_attention_pattern_string_is_normalised():
-  assert config_lib.normalize_pattern("dense,local") == ("dense", "local")
-  assert config_lib.normalize_pattern("('dense', 'local')") == ("dense", "local")
+  assert model_config.normalize_pattern("dense,local") == ("dense", "local")
+  assert model_config.normalize_pattern("('dense', 'local')") == ("dense", "local")
   config = config_lib.validate(_debug(model__attention_pattern=["dense", "local"]))
   assert config.model.attention_pattern == ("dense", "local")
   assert model.layer_windows(config.model) == [None, 8]

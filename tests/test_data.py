@@ -12,7 +12,7 @@ import pytest
 
 from gpt_jax import data, data_sources
 from gpt_jax import tokenizer as tok_lib
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

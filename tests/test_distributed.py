@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import distributed
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

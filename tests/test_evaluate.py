@@ -18,8 +18,7 @@ import pytest
 import torch
 import transformers
 
-from gpt_jax import config as config_lib
-from gpt_jax import convert, eval_tasks, evaluate, tokenizer
+from gpt_jax import convert, errors, eval_tasks, evaluate, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -131,7 +130,7 @@ def test_sharded_params_give_the_same_scores(tok, ours):
 
 def test_too_long_continuation_is_a_user_error(ours):
   cfg, params = ours
-  with pytest.raises(config_lib.UserError, match="block_size=32"):
+  with pytest.raises(errors.UserError, match="block_size=32"):
     evaluate.score_requests(cfg, params, [([1], [2] * (BLOCK + 1))], batch_size=2)
 
 
@@ -333,7 +332,7 @@ def test_fewshot_never_draws_the_item_and_seeds_differ():
   assert draws[0] != draws[1]
   # A separate pool (e.g. --fewshot_file) excludes copies of the item by content.
   assert all(s != pool[3] for _ in range(5) for s in eval_tasks.draw_shots(pool, 29, 0, 3, None, pool[3]))
-  with pytest.raises(config_lib.UserError, match="num_fewshot=30: item 0 has only 29"):
+  with pytest.raises(errors.UserError, match="num_fewshot=30: item 0 has only 29"):
     eval_tasks.draw_shots(pool, 30, 0, 0, 0, pool[0])
 
 
@@ -501,7 +500,7 @@ def test_local_tfds_dataset(tmp_path, tok, ours):
   opts = evaluate.Options(batch_size=2, num_fewshot=1, fewshot_file=shots)
   ref = evaluate.run_task(cfg, params, tok, f"multiple_choice:{path}", opts)
   assert [s["loglikelihoods"] for s in res.samples] == [s["loglikelihoods"] for s in ref.samples]
-  with pytest.raises(config_lib.UserError, match="tfds:piqa:test"):
+  with pytest.raises(errors.UserError, match="tfds:piqa:test"):
     evaluate.run_task(
       cfg, params, tok, "multiple_choice:tfds:piqa:test", evaluate.Options(tfds_data_dir=data_dir)
     )
@@ -540,21 +539,21 @@ def test_local_tfds_dataset(tmp_path, tok, ours):
 def test_bad_task_files(tmp_path, kind, content, message):
   if content is None:  # Bytes that are not UTF-8 on line 2.
     (tmp_path / "x.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(config_lib.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
       eval_tasks.load_jsonl(str(tmp_path / "x.jsonl"), kind)
     return
   path = tmp_path / "x.jsonl"
   path.write_text(content)
-  with pytest.raises(config_lib.UserError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     eval_tasks.load_jsonl(str(path), kind)
 
 
 def test_bad_specs():
-  with pytest.raises(config_lib.UserError, match="unknown task kind 'ranking'"):
+  with pytest.raises(errors.UserError, match="unknown task kind 'ranking'"):
     eval_tasks.parse_spec("ranking:/x.jsonl")
-  with pytest.raises(config_lib.UserError, match="expected KIND:PATH"):
+  with pytest.raises(errors.UserError, match="expected KIND:PATH"):
     eval_tasks.parse_spec("perplexity")
-  with pytest.raises(config_lib.UserError, match="/nope.jsonl: no such file"):
+  with pytest.raises(errors.UserError, match="/nope.jsonl: no such file"):
     eval_tasks.load_jsonl("/nope.jsonl", "perplexity")
 
 

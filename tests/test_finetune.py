@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import debug
-from gpt_jax import checkpoint, finetune, model, train
+from gpt_jax import checkpoint, errors, finetune, model, pretrain
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
 from gpt_jax import finetune_heads as heads
@@ -150,7 +150,7 @@ def test_bad_rows_are_one_line_errors_naming_file_and_line(tmp_path, line, messa
   path = tmp_path / "rows.jsonl"
   path.write_text('{"text": "1", "label": 0}\n' + line + "\n")
   fc = ft_config("classification").finetune
-  with pytest.raises(config_lib.UserError) as err:
+  with pytest.raises(errors.UserError) as err:
     fd.encode_records(fc, fd.read_file(str(path)), NumberTokenizer(), SP, 64, need_labels=True)
   assert message in str(err.value) and "\n" not in str(err.value)
 
@@ -171,7 +171,7 @@ def test_bad_rows_are_one_line_errors_naming_file_and_line(tmp_path, line, messa
 def test_config_errors_name_the_dotted_field(fields, message):
   c = ft_config("classification")
   c.finetune.update(**fields)
-  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+  with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
     config_lib.validate(c)
 
 
@@ -411,7 +411,7 @@ def pretrained(tmp_path_factory):
   c.eval.every_steps = 0
   c.sample.num_samples = 0
   c.log.tensorboard = False
-  train.run(config_lib.validate(c), str(root / "pretrain"))
+  pretrain.run(config_lib.validate(c), str(root / "pretrain"))
   return root
 
 

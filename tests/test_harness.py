@@ -22,8 +22,13 @@ import transformers  # noqa: E402
 from lm_eval.api import registry  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from gpt_jax import config as config_lib  # noqa: E402
-from gpt_jax import convert, evaluate, harness, tokenizer  # noqa: E402
+from gpt_jax import (  # noqa: E402
+  convert,
+  errors,  # noqa: E402
+  evaluate,
+  harness,
+  tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -165,9 +170,9 @@ def test_model_args_and_registry(ours, tok):
   assert lm.batch_size == harness.DEFAULT_BATCH_SIZE and lm.max_length == BLOCK
   assert lm.rolling_stride == BLOCK
   assert harness.GptJaxLM(model_cfg=cfg, params=params, tokenizer=tok, batch_size="5").batch_size == 5
-  with pytest.raises(config_lib.UserError, match="batch_size='x'"):
+  with pytest.raises(errors.UserError, match="batch_size='x'"):
     harness.GptJaxLM(model_cfg=cfg, params=params, tokenizer=tok, batch_size="x")
-  with pytest.raises(config_lib.UserError, match="rolling_stride=99"):
+  with pytest.raises(errors.UserError, match="rolling_stride=99"):
     harness.GptJaxLM(model_cfg=cfg, params=params, tokenizer=tok, rolling_stride=99)
   # Empty context: scored from EOT, as lm_eval expects.
   ((ll, _),) = lm.loglikelihood([_Instance(("", " cat"))], disable_tqdm=True)

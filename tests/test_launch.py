@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from configs import debug
-from gpt_jax import checkpoint, train
 from gpt_jax import config as config_lib
+from gpt_jax import loading, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -465,14 +465,14 @@ def test_local_two_processes_killed_and_resumed_end_like_one_process(tmp_path):
     section, field = k.split(".")
     config[section][field] = v
   reference = tmp_path / "one_process"
-  train.run(config_lib.validate(config), str(reference))
+  pretrain.run(config_lib.validate(config), str(reference))
 
   ours, ref = last_losses(workdir), last_losses(reference)
   assert sorted(ours) == sorted(ref) == list(range(1, STEPS + 1))
   # Rows meet on other devices (process p reads rows p::2) and gloo sums
   # across processes in another order: equal up to float rounding.
   np.testing.assert_allclose([ours[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
-  _, params = checkpoint.load_params(str(workdir))
-  _, ref_params = checkpoint.load_params(str(reference))
+  _, params = loading.load_params(str(workdir))
+  _, ref_params = loading.load_params(str(reference))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

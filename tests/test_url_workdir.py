@@ -20,9 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from gpt_jax import checkpoint, convert, data, finetune, metrics, train
-from gpt_jax import config as config_lib
-from gpt_jax.config import UserError
+from gpt_jax import convert, data, finetune, loading, metrics, paths, pretrain, train
+from gpt_jax.errors import UserError
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(
   debug_config.eval.every_steps = 0
   # JAX sets its cache up once per process: a bucket one would outlive the fake.
   debug_config.train.compilation_cache_dir = str(tmp_path / "jax_cache")
-  first = train.run(debug_config, "gs://bkt/runs/a/")
+  first = pretrain.run(debug_config, "gs://bkt/runs/a/")
   run = bucket / "bkt" / "runs" / "a"
   assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 4
   assert (run / "tokenizer" / "gpt_jax_tokenizer.json").is_file()
@@ -70,7 +69,7 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(
   # A preempted job comes back on another VM: nothing local survives.
   shutil.rmtree(tmp_path / "cache")
   debug_config.train.num_steps = 6
-  assert train.run(debug_config, "gs://bkt/runs/a")["step"] == 6
+  assert pretrain.run(debug_config, "gs://bkt/runs/a")["step"] == 6
   assert _train_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
   assert {"4", "6"} <= {p.name for p in (run / "checkpoints").iterdir()}
   assert (run / "config.json.previous").is_file()
@@ -85,7 +84,7 @@ def test_pretraining_in_a_bucket_writes_there_and_resumes_on_a_fresh_host(
     return epath.Path(p).name != "8" and real(p, **kw)
 
   monkeypatch.setattr(ocp.step, "is_path_finalized", unfinished_8)
-  model_cfg, params, tok = checkpoint.load_for_inference("gs://bkt/runs/a")
+  model_cfg, params, tok = loading.load_for_inference("gs://bkt/runs/a")
   assert model_cfg.d_model == debug_config.model.d_model and tok.vocab_size <= model_cfg.vocab_size
   # Fine-tuning (in a local folder) starts from it.
   assert finetune.pretrained_model_config("gs://bkt/runs/a").d_model == debug_config.model.d_model
@@ -124,7 +123,7 @@ def test_metrics_mirror_pulls_history_and_pushes_only_changes(bucket):
   run.mkdir(parents=True)
   (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
   w = metrics.MetricsWriter("gs://bkt/m", tensorboard=False, start_step=2, upload_every_s=3600)
-  assert w.files_dir == config_lib.local_dir("gs://bkt/m")
+  assert w.files_dir == paths.local_dir("gs://bkt/m")
   # Step 3 is about to be redone: moved aside locally, not yet in the bucket.
   w.write(3, {"loss": 1.5})
   assert _steps(bucket / "bkt" / "m" / "metrics.jsonl") == [1, 2, 3]
@@ -155,14 +154,14 @@ def test_metrics_mirror_pulls_history_and_pushes_only_changes(bucket):
 )
 def test_bad_urls_are_refused(url, message):
   with pytest.raises(UserError, match=message):
-    config_lib.run_dir(url)
+    paths.run_dir(url)
 
 
 def test_run_dir_and_local_dir(bucket, monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  assert config_lib.run_dir("gs://b//x/y/") == "gs://b/x/y"
-  assert config_lib.run_dir("rel") == os.path.abspath("rel")
-  assert config_lib.local_dir("gs://b/x/", "data") == str(tmp_path / "gpt_jax" / "gs" / "b" / "x" / "data")
+  assert paths.run_dir("gs://b//x/y/") == "gs://b/x/y"
+  assert paths.run_dir("rel") == os.path.abspath("rel")
+  assert paths.local_dir("gs://b/x/", "data") == str(tmp_path / "gpt_jax" / "gs" / "b" / "x" / "data")
 
 
 def test_a_bucket_without_gcsfs_is_one_line(monkeypatch):
@@ -171,10 +170,10 @@ def test_a_bucket_without_gcsfs_is_one_line(monkeypatch):
 
   monkeypatch.setattr(fsspec, "get_filesystem_class", no_gcsfs)
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  config_lib._setup_bucket_io.cache_clear()
+  paths._setup_bucket_io.cache_clear()
   with pytest.raises(UserError, match="--workdir: a gs:// path needs gcsfs: pip install -r requirements-gcs"):
-    config_lib.run_dir("gs://bkt/run")
-  config_lib._setup_bucket_io.cache_clear()
+    paths.run_dir("gs://bkt/run")
+  paths._setup_bucket_io.cache_clear()
 
 
 def test_a_filesystem_without_locks_still_builds_the_token_cache(debug_config, bucket, monkeypatch, tmp_path):
@@ -206,8 +205,8 @@ def test_bucket_listings_are_not_cached(bucket):
   """gcsfs would keep every listing for good and hide what other processes write."""
   for protocol in ("gs", "gcs"):
     fsspec.config.conf.pop(protocol, None)
-  config_lib._setup_bucket_io.cache_clear()
-  config_lib.run_dir("gs://bkt/run")
+  paths._setup_bucket_io.cache_clear()
+  paths.run_dir("gs://bkt/run")
   assert fsspec.config.conf["gcs"]["use_listings_cache"] is False
   assert fsspec.config.conf["gs"]["use_listings_cache"] is False
 

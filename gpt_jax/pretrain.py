@@ -1,0 +1,141 @@
+"""Language-model pretraining: the `Task` that `train.run` trains for `job="pretrain"`.
+
+Next-token cross-entropy over packed windows of the token cache (data.py),
+the run's tokenizer pinned in the workdir, zero-shot tasks at each
+evaluation (`eval.tasks`), and at the end the unigram baseline and samples.
+`train_program` builds the same task without data, for the planner and the
+benchmark to compile exactly the step `run` trains with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from gpt_jax import config as config_lib
+from gpt_jax import data, errors, eval_tasks, evaluate, model, sample, sharding, train
+from gpt_jax import tokenizer as tokenizer_lib
+
+
+def lm_loss_fn(model_cfg):
+  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32."""
+  gpt = model.GPT(model_cfg)
+
+  def loss_fn(params, batch, rng, deterministic):
+    tokens_BT1 = batch["tokens"]
+    logits_BTV = gpt.apply(
+      {"params": params}, tokens_BT1[:, :-1], deterministic=deterministic, rngs={"dropout": rng}
+    )
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
+    mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
+    return (nll_BT * mask_BT).sum(), mask_BT.sum(), {}
+
+  return loss_fn
+
+
+def check_run_inputs(config) -> None:
+  """When pretraining starts: eval.tasks files exist and the end-of-run samples fit the model."""
+  for spec in config.eval.tasks:
+    path = eval_tasks.parse_spec(spec).path
+    if path and not Path(path).is_file():
+      errors.fail("eval.tasks", spec, f"no such file {path}")
+  if config.sample.num_samples and not 0 < config.sample.max_new_tokens < config.model.block_size:
+    errors.fail(
+      "sample.max_new_tokens",
+      config.sample.max_new_tokens,
+      f"must be in [1, model.block_size={config.model.block_size}) when sample.num_samples > 0",
+    )
+
+
+def _task(config, train_iter=None, eval_batches=(), meta=None, extra_eval=None, finish=None) -> train.Task:
+  return train.Task(
+    init_params=lambda rng: model.init_params(config.model, rng),
+    param_specs=model.logical_specs(config.model),
+    loss_fn=lm_loss_fn(config.model),
+    train_iter=train_iter,
+    eval_batches=list(eval_batches),
+    meta=meta or {},
+    extra_eval=extra_eval,
+    finish=finish,
+    tokens_per_example=config_lib.seq_len(config),
+  )
+
+
+def pretrain_task(config, workdir: str, mesh) -> train.Task:
+  """Language-model pretraining on config.data with the run's tokenizer."""
+  del mesh  # Batches are assembled onto the mesh by train.run.
+  check_run_inputs(config)
+  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
+  pi, pc = jax.process_index(), jax.process_count()
+  train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
+  eval_bs = config.eval.batch_size or config.train.batch_size
+  eval_batches = data.make_eval_batches(
+    config,
+    tok,
+    workdir,
+    process_index=pi,
+    process_count=pc,
+    batch_size=eval_bs,
+    num_batches=config.eval.num_batches,
+  )
+  data.check_same_on_every_process(data.prepare_cache(config, tok, workdir, process_index=pi))
+
+  extra_eval = None
+  if config.eval.tasks:
+
+    def extra_eval(params):
+      results = evaluate.run_tasks(config.model, params, tok, list(config.eval.tasks), batch_size=eval_bs)
+      return {
+        f"{name}/{k}": v
+        for name, m in results.items()
+        for k, v in m.items()
+        if isinstance(v, int | float) and not k.endswith("_stderr")
+      }
+
+  def finish(params):
+    main = jax.process_index() == 0
+    if main:
+      baseline = data.unigram_loss(config, tok, workdir)
+      logging.info("unigram baseline on the validation tokens: %.4f nats/token", baseline)
+      print(f"unigram baseline (validation): {baseline:.4f} nats/token", flush=True)
+    s = config.sample
+    if s.num_samples > 0:
+      # Every process samples: the parameters are sharded over all of them.
+      prompts = [s.prompt] * s.num_samples
+      texts = sample.generate_text(
+        config.model,
+        params,
+        tok,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=config.train.seed,
+      )
+      for i, text in enumerate(texts if main else []):
+        print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
+
+  return _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
+
+
+def run(config, workdir: str) -> dict:
+  """Pretrains `config` in `workdir` (resuming it); returns the final metrics."""
+  return train.run(config, workdir, pretrain_task)
+
+
+def abstract_batch(config, mesh) -> dict:
+  """One global training batch as ShapeDtypeStructs: tokens [batch_size, seq_len + 1]."""
+  shape = (config.train.batch_size, config_lib.seq_len(config) + 1)
+  return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))}
+
+
+def train_program(config, mesh) -> tuple[train.Program, dict, train.Task]:
+  """(program, abstract batch, task) of pretraining `config` on `mesh`, without data:
+  `train.build` on the task `run` trains, for the planner and the benchmark."""
+  task = _task(config)
+  return train.build(task, config, mesh), abstract_batch(config, mesh), task
