@@ -23,7 +23,7 @@ def test_the_planner_compiles_the_step_training_runs(debug_config, tmp_path, mon
 
   monkeypatch.setattr(train, "build", recording)
   debug_config.data.max_documents = 6
-  debug_config.train.update(num_steps=1, compilation_cache_dir="none", grad_accum_steps=2)
+  debug_config.train.update(num_steps=1, compilation_cache_dir="none", batch_size=16, grad_accum_steps=2)
   debug_config.sample.num_samples = 0
   config = config_lib.validate(debug_config)
   pretrain.run(config, str(tmp_path / "run"))
