@@ -163,7 +163,7 @@ def test_local_rejects_a_missing_process_count():
 def test_local_rejects_a_bad_port(port):
   r = run(LAUNCH / "local.sh", "--dry-run", f"--port={port}", "2", "--workdir=/tmp/x", check=False)
   assert r.returncode == 2 and r.stdout == ""
-  assert r.stderr.splitlines() == [f"local.sh: --port={port} must be a port number from 1 to 65535"]
+  assert r.stderr.splitlines() == [f"local.sh: --port={port}: expected a port number from 1 to 65535"]
 
 
 def test_local_runs_quietly_and_streams_process_0(tmp_path, fake):
