@@ -209,7 +209,7 @@ def test_local_forwards_sigterm_to_every_process(tmp_path, fake):
 # The planner exits 3 when the config does not fit; anything else is its own failure.
 PREFLIGHT = {
   "local.sh": [LAUNCH / "local.sh", "--preflight", "--port=12345", "2", "--config=c", "--workdir=/tmp/x"],
-  "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=z", "--preflight", "--delete", "--",
+  "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=us-west4-a", "--preflight", "--delete", "--",
                  "--config=c", "--workdir=gs://b/x"],
   "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--config=c", "--workdir=/tmp/x"],
 }  # fmt: skip
@@ -239,7 +239,7 @@ def test_tpu_pod_dry_run_creates_installs_runs_on_all_workers_and_deletes():
     "--dry-run",
     "--name=xl",
     "--zone=us-west4-a",
-    "--project=proj",
+    "--project=my-proj",
     "--accelerator-type=v5litepod-16",
     "--spot",
     "--preflight",
@@ -250,7 +250,7 @@ def test_tpu_pod_dry_run_creates_installs_runs_on_all_workers_and_deletes():
     "--workdir=gs://bucket/runs/xl",
   )
   lines = [line for line in r.stdout.splitlines() if not line.startswith("#")]
-  where = "--zone=us-west4-a --project=proj"
+  where = "--zone=us-west4-a --project=my-proj"
   plan = "python -m gpt_jax.plan --config=configs/gpt2_xl.py --config.mesh.fsdp=16"
   assert lines[0] == plan + " --target=tpu:v5litepod-16 --check"
   assert lines[1] == (
@@ -281,7 +281,7 @@ def test_tpu_pod_queued_resource_and_refusals():
     LAUNCH / "tpu_pod.sh",
     "--dry-run",
     "--name=q",
-    "--zone=z",
+    "--zone=us-west4-a",
     "--accelerator-type=v4-32",
     "--queued",
     "--spot",
@@ -292,25 +292,38 @@ def test_tpu_pod_queued_resource_and_refusals():
     "--workdir=gs://b/m",
   )
   assert (
-    "gcloud compute tpus queued-resources create q --zone=z --node-id=q --accelerator-type=v4-32 "
+    "gcloud compute tpus queued-resources create q --zone=us-west4-a --node-id=q --accelerator-type=v4-32 "
     "--runtime-version=tpu-ubuntu2204-base --spot --valid-until-duration=6h"
   ) in r.stdout.splitlines()
   assert "scp" not in r.stdout
   # Workers share no disk: a local workdir is refused before anything runs.
   r = run(
-    LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--", *TRAIN, "--workdir=/tmp/x", check=False
+    LAUNCH / "tpu_pod.sh",
+    "--dry-run",
+    "--name=q",
+    "--zone=us-west4-a",
+    "--",
+    *TRAIN,
+    "--workdir=/tmp/x",
+    check=False,
   )
   assert r.returncode == 2 and "gs://" in r.stderr and r.stdout == ""
   r = run(
-    LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--queued", "--preemptible", check=False
+    LAUNCH / "tpu_pod.sh",
+    "--dry-run",
+    "--name=q",
+    "--zone=us-west4-a",
+    "--queued",
+    "--preemptible",
+    check=False,
   )
   assert r.returncode == 2 and "--spot" in r.stderr
-  r = run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--delete")
-  assert r.stdout.splitlines() == ["gcloud compute tpus tpu-vm delete q --zone=z --quiet"]
+  r = run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=us-west4-a", "--delete")
+  assert r.stdout.splitlines() == ["gcloud compute tpus tpu-vm delete q --zone=us-west4-a --quiet"]
 
 
 def test_tpu_pod_refuses_contradictory_capacity_flags():
-  tpu = [LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z"]
+  tpu = [LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=us-west4-a"]
   for flags, message in [
     (["--valid-until=6h"], "tpu_pod.sh: --valid-until=6h is for a queued resource: add --queued"),
     (["--spot", "--preemptible"], "tpu_pod.sh: give --spot or --preemptible, not both"),
@@ -320,9 +333,9 @@ def test_tpu_pod_refuses_contradictory_capacity_flags():
     assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines() == [message], flags
 
 
-TPU_JOB = ["--name=q", "--zone=z", "--jax-version=0.0", "--", "--config=c", "--workdir=gs://b/x"]
-DELETE_VM = "gcloud compute tpus tpu-vm delete q --zone=z --quiet"
-DELETE_QUEUED = "gcloud compute tpus queued-resources delete q --zone=z --force --quiet"
+TPU_JOB = ["--name=q", "--zone=us-west4-a", "--jax-version=0.0", "--", "--config=c", "--workdir=gs://b/x"]
+DELETE_VM = "gcloud compute tpus tpu-vm delete q --zone=us-west4-a --quiet"
+DELETE_QUEUED = "gcloud compute tpus queued-resources delete q --zone=us-west4-a --force --quiet"
 
 
 @pytest.mark.parametrize("fail, flags, status, last_call", [
