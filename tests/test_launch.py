@@ -211,7 +211,8 @@ PREFLIGHT = {
   "local.sh": [LAUNCH / "local.sh", "--preflight", "--port=12345", "2", "--config=c", "--workdir=/tmp/x"],
   "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=us-west4-a", "--preflight", "--delete", "--",
                  "--config=c", "--workdir=gs://b/x"],
-  "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--config=c", "--workdir=/tmp/x"],
+  "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--", "--config=c",
+                       "--workdir=/tmp/x"],
 }  # fmt: skip
 
 
@@ -397,7 +398,14 @@ def test_slurm_dry_run_one_process_per_gpu_or_per_node():
   ]
   env.update(SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8", VIRTUAL_ENV="")
   r = run(
-    "bash", LAUNCH / "slurm_gpu.sbatch", "--dry-run", "--per-node", *TRAIN, "--workdir=/shared/xl", env=env
+    "bash",
+    LAUNCH / "slurm_gpu.sbatch",
+    "--dry-run",
+    "--per-node",
+    "--",
+    *TRAIN,
+    "--workdir=/shared/xl",
+    env=env,
   )
   assert r.stdout.splitlines()[-2:] == [
     "# 4 node(s) x 8 GPUs, 1 process per node",
