@@ -184,6 +184,16 @@ if ((!run_job)); then
   exit 0
 fi
 
+# The workers get this machine's jax unless told otherwise: looked up before anything is created.
+if ((!skip_install)) && [[ -z "$jax_version" ]]; then
+  if ((dry_run)); then
+    jax_version="JAX_VERSION"
+  else
+    jax_version=$("$python_bin" -c 'import jax; print(jax.__version__)') ||
+      die "could not read this machine's jax version with $python_bin: give --jax-version=X or --skip-install"
+  fi
+fi
+
 # 1. Preflight on this machine: the TPU compiler's own memory plan for the slice.
 if ((preflight)); then
   plan_cmd=("$python_bin" -m gpt_jax.plan "--config=$config" "${overrides[@]}" "--target=tpu:$accel" --check)
@@ -253,13 +263,6 @@ fi
 if ((!skip_install)); then
   repo=$(cd "$(dirname "$0")/.." && pwd)
   bundle="${TMPDIR:-/tmp}/gpt_jax-$name.tgz"
-  if [[ -z "$jax_version" ]]; then
-    if ((dry_run)); then
-      jax_version="JAX_VERSION"
-    else
-      jax_version=$("$python_bin" -c 'import jax; print(jax.__version__)')
-    fi
-  fi
   if ((dry_run)); then
     echo "(cd $(quote "$repo") && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $(quote "$bundle"))"
   else
