@@ -18,12 +18,35 @@
 #                            and refuse to start if it does not fit (exit 3;
 #                            exit 2 if the planner itself fails)
 #   --dry-run                print the commands as a script, run nothing
+# Options are strict: a value goes after '=' (--port=1234, not --port 1234); an
+# unknown option, a missing, empty or bad value, a value on a flag, or a
+# launcher option after N (where it would reach gpt_jax.main) is one line on
+# stderr and exit 2 before any process starts (dry runs too).
 # SIGTERM / Ctrl-C are forwarded to every process (each saves a checkpoint at
 # its next step and exits); if one process fails the others are stopped, and
 # the exit status is the first failure's.
 set -euo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "local.sh: $*" >&2; exit 2; }
+
+# Strict option parsing, the same in every launch/ script (each is one file:
+# sbatch runs a copy of its script, so nothing could be sourced from beside it).
+# $arg is the word, $opt its name; `value VAR META REGEX WHAT` stores the value
+# after '=' in VAR, refusing an empty one or one REGEX does not match; `flag
+# [VAR]` sets VAR to 1, refusing a value.
+value() {
+  [[ "$arg" == *=?* ]] || die "$opt needs a value ($opt=$2): $4"
+  [[ "${arg#*=}" =~ $3 ]] || die "$arg: expected $4"
+  printf -v "$1" '%s' "${arg#*=}"
+}
+flag() {
+  [[ "$arg" != *=* ]] || die "$opt takes no value (got $arg)"
+  [[ -z "${1:-}" ]] || printf -v "$1" 1
+}
+# Every option but --help (gpt_jax.main has its own): none may follow N.
+options="--devices-per-process= --port= --log-dir= --python= --preflight --dry-run"
+is_option() { [[ " ${options//=/} " == *" ${1%%=*} "* ]]; }
 
 devices=1
 port=""
@@ -31,36 +54,37 @@ log_dir=""
 python_bin="${PYTHON:-python}"
 preflight=0
 dry_run=0
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --devices-per-process=*) devices="${1#*=}" ;;
-    --port=*) port="${1#*=}" ;;
-    --log-dir=*) log_dir="${1#*=}" ;;
-    --python=*) python_bin="${1#*=}" ;;
-    --preflight) preflight=1 ;;
-    --dry-run) dry_run=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --*) echo "local.sh: unknown option $1 (launch options, then the number of processes N, then training flags)" >&2; exit 2 ;;
-    *) break ;;
-  esac
+while [[ $# -gt 0 && "$1" == -* ]]; do
+  arg="$1" opt="${1%%=*}"
   shift
+  case "$opt" in
+    --devices-per-process) value devices K '^[1-9][0-9]*$' "a positive integer" ;;
+    --port)
+      value port P '^[1-9][0-9]{0,4}$' "a port number from 1 to 65535"
+      ((port <= 65535)) || die "$arg: expected a port number from 1 to 65535"
+      ;;
+    --log-dir) value log_dir DIR '.' "a directory for the process logs" ;;
+    --python)
+      value python_bin PY '.' "a Python interpreter"
+      command -v "$python_bin" >/dev/null || die "$arg: no such program"
+      ;;
+    --preflight) flag preflight ;;
+    --dry-run) flag dry_run ;;
+    -h | --help) flag; usage; exit 0 ;;
+    --) die "no -- here: launcher options, then the number of processes N, then the training flags" ;;
+    --config | --config.* | --workdir) die "$arg is a training flag: give the number of processes N first" ;;
+    *) die "unknown option $arg; the options are ${options} --help (then the number of processes N, then training flags)" ;;
+  esac
 done
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "local.sh: give the number of processes N (a positive integer) before the training flags" >&2
-  usage >&2
-  exit 2
+  die "give the number of processes N, a positive integer, after the options and before the training flags (got '${1:-}')"
 fi
 num=$1
 shift
-if [[ ! "$devices" =~ ^[1-9][0-9]*$ ]]; then
-  echo "local.sh: --devices-per-process=$devices must be a positive integer" >&2
-  exit 2
-fi
-if [[ -n "$port" ]] && ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ && "$port" -le 65535 ]]; then
-  echo "local.sh: --port=$port must be a port number from 1 to 65535" >&2
-  exit 2
-fi
 main_args=("$@")
+for a in "${main_args[@]}"; do
+  is_option "$a" && die "$a after N would go to gpt_jax.main: launcher options go before N"
+done
 
 config="" workdir=""
 for a in "${main_args[@]}"; do

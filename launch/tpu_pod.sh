@@ -27,47 +27,80 @@
 #   --delete                  delete the slice (and queued resource) at the end, also when a step
 #                             fails after the create (the exit status stays that step's), or alone: just delete
 #   --dry-run                 print the commands, run nothing
+# Options are strict: a value goes after '=' (--zone=us-west4-a, not --zone us-west4-a)
+# and must look right; an unknown option, a missing or empty value, a value on a
+# flag, or a launcher option after -- (where it would reach gpt_jax.main) is
+# one line on stderr and exit 2, before anything is created or run (dry runs too).
 # The workdir must be a gs:// path (workers share no disk); gpt_jax writes it
 # through Orbax and etils.epath (gcsfs, installed with the requirements).
 set -euo pipefail
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+
+# Strict option parsing, the same in every launch/ script (each is one file:
+# sbatch runs a copy of its script, so nothing could be sourced from beside it).
+# $arg is the word, $opt its name; `value VAR META REGEX WHAT` stores the value
+# after '=' in VAR, refusing an empty one or one REGEX does not match; `flag
+# [VAR]` sets VAR to 1, refusing a value.
+value() {
+  [[ "$arg" == *=?* ]] || die "$opt needs a value ($opt=$2): $4"
+  [[ "${arg#*=}" =~ $3 ]] || die "$arg: expected $4"
+  printf -v "$1" '%s' "${arg#*=}"
+}
+flag() {
+  [[ "$arg" != *=* ]] || die "$opt takes no value (got $arg)"
+  [[ -z "${1:-}" ]] || printf -v "$1" 1
+}
+# Every option but --help (gpt_jax.main has its own): none may follow --.
+options="--name= --zone= --project= --accelerator-type= --version= --spot --preemptible --queued --valid-until="
+options+=" --jax-version= --remote-dir= --skip-install --preflight --logs --delete --dry-run"
+is_option() { [[ " ${options//=/} " == *" ${1%%=*} "* ]]; }
 
 name="" zone="" project="" accel="v5litepod-8" version="" capacity="" queued=0 valid_until=""
 jax_version="" remote_dir="gpt_jax" skip_install=0 preflight=0 logs_only=0 delete=0 dry_run=0
+spot=0 preemptible=0
 python_bin="${PYTHON:-python}"
 while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name=*) name="${1#*=}" ;;
-    --zone=*) zone="${1#*=}" ;;
-    --project=*) project="${1#*=}" ;;
-    --accelerator-type=*) accel="${1#*=}" ;;
-    --version=*) version="${1#*=}" ;;
-    --spot | --preemptible)
-      if [[ -n "$capacity" && "$capacity" != "$1" ]]; then
-        echo "tpu_pod.sh: give --spot or --preemptible, not both" >&2
-        exit 2
-      fi
-      capacity="$1"
-      ;;
-    --queued) queued=1 ;;
-    --valid-until=*) valid_until="${1#*=}" ;;
-    --jax-version=*) jax_version="${1#*=}" ;;
-    --remote-dir=*) remote_dir="${1#*=}" ;;
-    --skip-install) skip_install=1 ;;
-    --preflight) preflight=1 ;;
-    --logs) logs_only=1 ;;
-    --delete) delete=1 ;;
-    --dry-run) dry_run=1 ;;
-    -h | --help) usage; exit 0 ;;
-    --) shift; break ;;
-    *) echo "tpu_pod.sh: unknown option $1 (training flags go after --)" >&2; exit 2 ;;
-  esac
+  arg="$1" opt="${1%%=*}"
   shift
+  [[ "$arg" == -- ]] && break
+  case "$opt" in
+    --name) value name NAME '^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+      "a TPU VM name: a lowercase letter, then lowercase letters, digits or -, at most 63" ;;
+    --zone) value zone ZONE '^[a-z]+-[a-z]+[0-9]+-[a-z]$' "a zone such as us-west4-a" ;;
+    # Project IDs: 6 to 30 characters; old domain-scoped ones are DOMAIN:ID.
+    --project) value project PROJECT '^([a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$' \
+      "a project ID: 6 to 30 lowercase letters, digits or -, starting with a letter" ;;
+    --accelerator-type) value accel TYPE '^v[0-9]+[a-z]*-[1-9][0-9]*$' \
+      "a TPU type GENERATION-SIZE such as v5litepod-16, v4-32, v5p-64 or v6e-8" ;;
+    --version) value version RUNTIME '^[a-z0-9][-a-z0-9._]*$' "a TPU VM runtime such as tpu-ubuntu2204-base" ;;
+    --spot) flag spot ;;
+    --preemptible) flag preemptible ;;
+    --queued) flag queued ;;
+    --valid-until) value valid_until DURATION '^([0-9]+[dhms])+$' "a duration such as 6h, 90m or 1d12h" ;;
+    # Both go into a remote shell command line: plain words only.
+    --jax-version) value jax_version X '^[0-9]+(\.[0-9]+)+[a-z0-9.+]*$' "a jax release such as 0.10.2" ;;
+    --remote-dir) value remote_dir DIR '^[A-Za-z0-9_][A-Za-z0-9._/-]*$' \
+      "a path under the workers' home of letters, digits, . _ - and /" ;;
+    --skip-install) flag skip_install ;;
+    --preflight) flag preflight ;;
+    --logs) flag logs_only ;;
+    --delete) flag delete ;;
+    --dry-run) flag dry_run ;;
+    -h | --help) flag; usage; exit 0 ;;
+    --config | --config.* | --workdir) die "$arg is a training flag: training flags go after --" ;;
+    *) die "unknown option $arg; the options are ${options} --help (training flags go after --)" ;;
+  esac
 done
 main_args=("$@")
+for a in "${main_args[@]}"; do
+  is_option "$a" && die "$a after -- would go to gpt_jax.main: launcher options go before --"
+done
+((spot && preemptible)) && die "give --spot or --preemptible, not both"
+((spot)) && capacity="--spot"
+((preemptible)) && capacity="--preemptible"
 
-die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 [[ -n "$name" ]] || die "--name is required"
 [[ -n "$zone" ]] || die "--zone is required"
 if ((queued)) && [[ "$capacity" == "--preemptible" ]]; then
@@ -100,6 +133,9 @@ if ((run_job)); then
   [[ "$workdir" == gs://?* ]] || die "--workdir must be a gs:// path: the workers share no disk (got '${workdir}')"
 elif ((!delete && !logs_only)); then
   die "nothing to do: give training flags after --, or --logs, or --delete"
+fi
+if ((logs_only && (run_job || delete))); then
+  die "--logs only follows a running job's log: give it without training flags and without --delete"
 fi
 
 gcloud_tpu=(gcloud compute tpus)
@@ -146,6 +182,16 @@ fi
 if ((!run_job)); then
   delete_slice
   exit 0
+fi
+
+# The workers get this machine's jax unless told otherwise: looked up before anything is created.
+if ((!skip_install)) && [[ -z "$jax_version" ]]; then
+  if ((dry_run)); then
+    jax_version="JAX_VERSION"
+  else
+    jax_version=$("$python_bin" -c 'import jax; print(jax.__version__)') ||
+      die "could not read this machine's jax version with $python_bin: give --jax-version=X or --skip-install"
+  fi
 fi
 
 # 1. Preflight on this machine: the TPU compiler's own memory plan for the slice.
@@ -217,13 +263,6 @@ fi
 if ((!skip_install)); then
   repo=$(cd "$(dirname "$0")/.." && pwd)
   bundle="${TMPDIR:-/tmp}/gpt_jax-$name.tgz"
-  if [[ -z "$jax_version" ]]; then
-    if ((dry_run)); then
-      jax_version="JAX_VERSION"
-    else
-      jax_version=$("$python_bin" -c 'import jax; print(jax.__version__)')
-    fi
-  fi
   if ((dry_run)); then
     echo "(cd $(quote "$repo") && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $(quote "$bundle"))"
   else

@@ -21,7 +21,7 @@ import pytest
 
 from configs import debug
 from gpt_jax import config as config_lib
-from gpt_jax import loading, pretrain
+from gpt_jax import hardware, loading, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -163,7 +163,7 @@ def test_local_rejects_a_missing_process_count():
 def test_local_rejects_a_bad_port(port):
   r = run(LAUNCH / "local.sh", "--dry-run", f"--port={port}", "2", "--workdir=/tmp/x", check=False)
   assert r.returncode == 2 and r.stdout == ""
-  assert r.stderr.splitlines() == [f"local.sh: --port={port} must be a port number from 1 to 65535"]
+  assert r.stderr.splitlines() == [f"local.sh: --port={port}: expected a port number from 1 to 65535"]
 
 
 def test_local_runs_quietly_and_streams_process_0(tmp_path, fake):
@@ -209,9 +209,10 @@ def test_local_forwards_sigterm_to_every_process(tmp_path, fake):
 # The planner exits 3 when the config does not fit; anything else is its own failure.
 PREFLIGHT = {
   "local.sh": [LAUNCH / "local.sh", "--preflight", "--port=12345", "2", "--config=c", "--workdir=/tmp/x"],
-  "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=z", "--preflight", "--delete", "--",
+  "tpu_pod.sh": [LAUNCH / "tpu_pod.sh", "--name=q", "--zone=us-west4-a", "--preflight", "--delete", "--",
                  "--config=c", "--workdir=gs://b/x"],
-  "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--config=c", "--workdir=/tmp/x"],
+  "slurm_gpu.sbatch": ["bash", LAUNCH / "slurm_gpu.sbatch", "--preflight", "--", "--config=c",
+                       "--workdir=/tmp/x"],
 }  # fmt: skip
 
 
@@ -239,7 +240,7 @@ def test_tpu_pod_dry_run_creates_installs_runs_on_all_workers_and_deletes():
     "--dry-run",
     "--name=xl",
     "--zone=us-west4-a",
-    "--project=proj",
+    "--project=my-proj",
     "--accelerator-type=v5litepod-16",
     "--spot",
     "--preflight",
@@ -250,9 +251,9 @@ def test_tpu_pod_dry_run_creates_installs_runs_on_all_workers_and_deletes():
     "--workdir=gs://bucket/runs/xl",
   )
   lines = [line for line in r.stdout.splitlines() if not line.startswith("#")]
-  where = "--zone=us-west4-a --project=proj"
-  plan = "python -m gpt_jax.plan --config=configs/gpt2_xl.py --config.mesh.fsdp=16"
-  assert lines[0] == plan + " --target=tpu:v5litepod-16 --check"
+  where = "--zone=us-west4-a --project=my-proj"
+  plan_cmd = "python -m gpt_jax.plan --config=configs/gpt2_xl.py --config.mesh.fsdp=16"
+  assert lines[0] == plan_cmd + " --target=tpu:v5litepod-16 --check"
   assert lines[1] == (
     f"gcloud compute tpus tpu-vm create xl {where} --accelerator-type=v5litepod-16 "
     "--version=v2-alpha-tpuv5-lite --spot"
@@ -281,7 +282,7 @@ def test_tpu_pod_queued_resource_and_refusals():
     LAUNCH / "tpu_pod.sh",
     "--dry-run",
     "--name=q",
-    "--zone=z",
+    "--zone=us-west4-a",
     "--accelerator-type=v4-32",
     "--queued",
     "--spot",
@@ -292,25 +293,38 @@ def test_tpu_pod_queued_resource_and_refusals():
     "--workdir=gs://b/m",
   )
   assert (
-    "gcloud compute tpus queued-resources create q --zone=z --node-id=q --accelerator-type=v4-32 "
+    "gcloud compute tpus queued-resources create q --zone=us-west4-a --node-id=q --accelerator-type=v4-32 "
     "--runtime-version=tpu-ubuntu2204-base --spot --valid-until-duration=6h"
   ) in r.stdout.splitlines()
   assert "scp" not in r.stdout
   # Workers share no disk: a local workdir is refused before anything runs.
   r = run(
-    LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--", *TRAIN, "--workdir=/tmp/x", check=False
+    LAUNCH / "tpu_pod.sh",
+    "--dry-run",
+    "--name=q",
+    "--zone=us-west4-a",
+    "--",
+    *TRAIN,
+    "--workdir=/tmp/x",
+    check=False,
   )
   assert r.returncode == 2 and "gs://" in r.stderr and r.stdout == ""
   r = run(
-    LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--queued", "--preemptible", check=False
+    LAUNCH / "tpu_pod.sh",
+    "--dry-run",
+    "--name=q",
+    "--zone=us-west4-a",
+    "--queued",
+    "--preemptible",
+    check=False,
   )
   assert r.returncode == 2 and "--spot" in r.stderr
-  r = run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z", "--delete")
-  assert r.stdout.splitlines() == ["gcloud compute tpus tpu-vm delete q --zone=z --quiet"]
+  r = run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=us-west4-a", "--delete")
+  assert r.stdout.splitlines() == ["gcloud compute tpus tpu-vm delete q --zone=us-west4-a --quiet"]
 
 
 def test_tpu_pod_refuses_contradictory_capacity_flags():
-  tpu = [LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=z"]
+  tpu = [LAUNCH / "tpu_pod.sh", "--dry-run", "--name=q", "--zone=us-west4-a"]
   for flags, message in [
     (["--valid-until=6h"], "tpu_pod.sh: --valid-until=6h is for a queued resource: add --queued"),
     (["--spot", "--preemptible"], "tpu_pod.sh: give --spot or --preemptible, not both"),
@@ -320,9 +334,9 @@ def test_tpu_pod_refuses_contradictory_capacity_flags():
     assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines() == [message], flags
 
 
-TPU_JOB = ["--name=q", "--zone=z", "--jax-version=0.0", "--", "--config=c", "--workdir=gs://b/x"]
-DELETE_VM = "gcloud compute tpus tpu-vm delete q --zone=z --quiet"
-DELETE_QUEUED = "gcloud compute tpus queued-resources delete q --zone=z --force --quiet"
+TPU_JOB = ["--name=q", "--zone=us-west4-a", "--jax-version=0.0", "--", "--config=c", "--workdir=gs://b/x"]
+DELETE_VM = "gcloud compute tpus tpu-vm delete q --zone=us-west4-a --quiet"
+DELETE_QUEUED = "gcloud compute tpus queued-resources delete q --zone=us-west4-a --force --quiet"
 
 
 @pytest.mark.parametrize("fail, flags, status, last_call", [
@@ -384,7 +398,14 @@ def test_slurm_dry_run_one_process_per_gpu_or_per_node():
   ]
   env.update(SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8", VIRTUAL_ENV="")
   r = run(
-    "bash", LAUNCH / "slurm_gpu.sbatch", "--dry-run", "--per-node", *TRAIN, "--workdir=/shared/xl", env=env
+    "bash",
+    LAUNCH / "slurm_gpu.sbatch",
+    "--dry-run",
+    "--per-node",
+    "--",
+    *TRAIN,
+    "--workdir=/shared/xl",
+    env=env,
   )
   assert r.stdout.splitlines()[-2:] == [
     "# 4 node(s) x 8 GPUs, 1 process per node",
@@ -393,6 +414,174 @@ def test_slurm_dry_run_one_process_per_gpu_or_per_node():
   ]
   sbatch = (LAUNCH / "slurm_gpu.sbatch").read_text()
   assert "#SBATCH --signal=TERM@" in sbatch  # the trainer's SIGTERM save before the time limit
+
+
+# ------------------------------------------------------- strict options
+
+# Every option of every launcher: None for a flag, else a value it takes and
+# values it refuses (checked against each launcher's --help below).
+OPTIONS = {
+  "local.sh": {
+    "--devices-per-process": ("4", ["0", "-1", "two", "1.5", "4x"]),
+    "--port": ("12345", ["0", "65536", "80x", "-1"]),
+    "--log-dir": ("logs x", []),
+    "--python": (sys.executable, ["/no/such/python"]),
+    "--preflight": None,
+    "--dry-run": None,
+  },
+  "tpu_pod.sh": {
+    "--name": ("xl-2", ["XL", "2xl", "xl_2", "xl-", "x" * 64]),
+    "--zone": ("europe-west4-b", ["us-west4", "z", "us-west4-a b"]),
+    "--project": ("my-proj-7", ["proj", "My-proj", "my_proj", "my-proj-"]),
+    "--accelerator-type": ("v5p-64", ["k80", "v4", "v4-", "v4-0", "tpu-v4-32", "v4-32 "]),
+    "--version": ("tpu-ubuntu2204-base", ["tpu ubuntu", "-v"]),
+    "--spot": None,
+    "--preemptible": None,
+    "--queued": None,
+    "--valid-until": ("1d12h", ["6", "h", "6 h", "six"]),
+    "--jax-version": ("0.5.0rc1", ["latest", "0", "0.4; rm -rf ~", "==0.4.1"]),
+    "--remote-dir": ("runs/gpt", ["/abs", "a b", "$(id)", "-x"]),
+    "--skip-install": None,
+    "--preflight": None,
+    "--logs": None,
+    "--delete": None,
+    "--dry-run": None,
+  },
+  "slurm_gpu.sbatch": {
+    "--per-node": None,
+    "--venv": ("/opt/venv", []),
+    "--gpu": ("a100", ["k80", "H100", "h100:8", "cuda:h100"]),
+    "--preflight": None,
+    "--dry-run": None,
+  },
+}
+SEPARATOR = {"local.sh": "N", "tpu_pod.sh": "--", "slurm_gpu.sbatch": "--"}
+
+
+def launch(script, *options, workdir):
+  """A small job's command line with `options` where launcher options go."""
+  if script == "local.sh":
+    return [LAUNCH / script, *options, "2", "--config=c", f"--workdir={workdir}"]
+  if script == "slurm_gpu.sbatch":
+    return ["bash", LAUNCH / script, *options, "--", "--config=c", f"--workdir={workdir}"]
+  queued = ["--queued"] if any(o.startswith("--valid-until") for o in options) else []
+  job = [] if "--logs" in options else ["--", "--config=c", "--workdir=gs://b/x"]
+  return [LAUNCH / script, "--name=q", "--zone=us-west4-a", "--jax-version=0.0", *queued, *options, *job]
+
+
+def refusal(env, workdir, command) -> str:
+  """The one stderr line of a refused command; nothing ran, as given or as a dry run."""
+  lines = set()
+  for dry in [[], ["--dry-run"]]:
+    cmd = [*command[:2], *dry, *command[2:]] if command[0] == "bash" else [command[0], *dry, *command[1:]]
+    r = run(*cmd, env=env, check=False)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, (cmd, r.stdout, r.stderr)
+    lines.add(r.stderr.strip())
+  assert calls(env) == [] and not (workdir / "logs").exists()  # no gcloud, srun or process started
+  assert len(lines) == 1
+  return lines.pop()
+
+
+@pytest.mark.parametrize("script, option", [(s, o) for s in OPTIONS for o in OPTIONS[s]])
+def test_every_option_refuses_an_empty_or_bad_value_and_an_unknown_neighbour(tmp_path, fake, script, option):
+  spec = OPTIONS[script][option]
+  good = option if spec is None else f"{option}={spec[0]}"
+  run(*launch(script, "--dry-run", good, workdir=tmp_path), env=fake)  # Taken alone.
+
+  def refused(*options):
+    return refusal(fake, tmp_path, launch(script, *options, workdir=tmp_path))
+
+  if spec is None:
+    for word in [f"{option}=1", f"{option}="]:
+      assert refused(word) == f"{script}: {option} takes no value (got {word})"
+  else:
+    # --opt VALUE is not --opt=VALUE: the value goes after '='.
+    missing = {refused(word) for word in [option, f"{option}="]}
+    assert len(missing) == 1
+    head, _, allowed = missing.pop().partition("): ")
+    assert head.startswith(f"{script}: {option} needs a value ({option}=") and allowed
+    for bad in spec[1]:  # Refused in the same words about what is allowed.
+      reason = "no such program" if option == "--python" else f"expected {allowed}"
+      assert refused(f"{option}={bad}") == f"{script}: {option}={bad}: {reason}"
+  for unknown in ["--frobnicate", "-f"]:
+    for neighbours in [(good, unknown), (unknown, good)]:
+      assert refused(*neighbours).startswith(f"{script}: unknown option {unknown}; the options are ")
+  # After the separator it would reach gpt_jax.main: refused, not passed on or eaten.
+  line = refusal(fake, tmp_path, [*launch(script, workdir=tmp_path), good])
+  sep = SEPARATOR[script]
+  assert line == f"{script}: {good} after {sep} would go to gpt_jax.main: launcher options go before {sep}"
+
+
+@pytest.mark.parametrize("script", OPTIONS)
+def test_help_and_the_unknown_option_message_name_every_option(tmp_path, fake, script):
+  expected = {o if spec is None else o + "=" for o, spec in OPTIONS[script].items()}
+  helped = set()
+  for line in run(*launch(script, "--help", workdir=tmp_path), env=fake).stdout.splitlines():
+    if line.startswith("  --"):
+      for word in line.split("  ")[1].strip().split(" | "):
+        helped.add(word.split("=")[0] + ("=" if "=" in word else ""))
+  assert helped == expected
+  line = refusal(fake, tmp_path, launch(script, "--frobnicate", workdir=tmp_path))
+  listed = line.split("the options are ")[1].split(" (")[0].split()
+  assert listed[-1] == "--help" and set(listed[:-1]) == expected
+
+
+def test_the_typos_of_issue_20_are_refused_before_anything_runs(tmp_path, fake):
+  tpu = [LAUNCH / "tpu_pod.sh", "--name=x", "--zone=us-west4-a", "--accelerator-type=", "--", *TRAIN,
+         "--workdir=gs://b/r"]  # fmt: skip
+  assert refusal(fake, tmp_path, tpu).startswith("tpu_pod.sh: --accelerator-type needs a value")
+  slurm = ["bash", LAUNCH / "slurm_gpu.sbatch", "--frobnicate", "--", *TRAIN, "--workdir=/shared/r"]
+  assert refusal(fake, tmp_path, slurm).startswith("slurm_gpu.sbatch: unknown option --frobnicate;")
+  for word in ["--gpu", "--venv", "--gpu=", "--gpu=k80"]:
+    line = refusal(fake, tmp_path, [*slurm[:2], word, *slurm[3:]])
+    assert line.startswith(f"slurm_gpu.sbatch: {word.rstrip('=')}")
+  # Training flags before the separator: a hint, not "unknown option".
+  for script, hint in [("local.sh", "give the number of processes N first"), ("tpu_pod.sh", "go after --"),
+                       ("slurm_gpu.sbatch", "go after --")]:  # fmt: skip
+    line = refusal(fake, tmp_path, launch(script, "--config=configs/debug.py", workdir=tmp_path))
+    assert line.startswith(f"{script}: --config=configs/debug.py is a training flag: ") and hint in line
+
+
+def test_the_planners_gpu_kinds_and_tpu_generations_are_taken(tmp_path, fake):
+  line = refusal(fake, tmp_path, launch("slurm_gpu.sbatch", "--gpu=k80", workdir=tmp_path))
+  assert line.split("one of ")[1].split(" (")[0].split() == sorted(hardware.GPUS)
+  for kind in hardware.GPUS:
+    r = run(
+      *launch("slurm_gpu.sbatch", "--dry-run", "--preflight", f"--gpu={kind}", workdir=tmp_path), env=fake
+    )
+    assert f" --target=cuda:{kind}:8 --check" in r.stdout
+  for gen in [*hardware.TPUS, *hardware.TPU_ALIASES]:
+    accel = f"--accelerator-type={gen}-8"
+    r = run(*launch("tpu_pod.sh", "--dry-run", "--preflight", accel, workdir=tmp_path), env=fake)
+    assert f" --target=tpu:{gen}-8 --check" in r.stdout
+
+
+def test_everything_after_the_separator_goes_to_main_unchanged(fake):
+  main_args = ["--config=c", "--workdir=gs://b/x", "--config.data.name=a b", "--help", "--", "--frobnicate"]
+  main = "gpt_jax.main --config=c --workdir=gs://b/x '--config.data.name=a b' --help -- --frobnicate"
+  r = run("bash", LAUNCH / "slurm_gpu.sbatch", "--dry-run", "--", *main_args, env=fake)
+  assert r.stdout.splitlines()[-1].endswith(f"python -m {main}")
+  r = run(LAUNCH / "local.sh", "--dry-run", "1", *main_args, env=fake)
+  assert f"python -m {main} 2>&1 | tee" in r.stdout
+  run(LAUNCH / "tpu_pod.sh", "--name=q", "--zone=us-west4-a", "--skip-install", "--", *main_args, env=fake)
+  assert f"python3 -m {main} 2>&1 | tee" in calls(fake)[-1]
+
+
+def test_refusals_that_look_at_this_machine_still_come_before_anything_runs(tmp_path, fake):
+  # The venv is looked for where the job runs (a dry run prints its path as given) ...
+  r = run("bash", LAUNCH / "slurm_gpu.sbatch", "--venv=/no/venv", "--", "--config=c", env=fake, check=False)
+  assert r.returncode == 2 and r.stdout == "" and calls(fake) == []
+  assert r.stderr == "slurm_gpu.sbatch: --venv=/no/venv: no /no/venv/bin/activate here\n"
+  # ... and tpu_pod.sh reads this machine's jax version before it creates anything.
+  env = {**fake, "PYTHON": shutil.which("false")}
+  job = ["--name=q", "--zone=us-west4-a", "--", "--config=c", "--workdir=gs://b/x"]
+  r = run(LAUNCH / "tpu_pod.sh", *job, env=env, check=False)
+  assert r.returncode == 2 and r.stdout == "" and calls(env) == []
+  assert r.stderr.splitlines()[-1].startswith("tpu_pod.sh: could not read this machine's jax version")
+  # --logs only follows a log: with a job or --delete, one of them would silently not happen.
+  for extra in [["--delete"], job[2:]]:
+    r = run(LAUNCH / "tpu_pod.sh", *job[:2], "--logs", *extra, env=fake, check=False)
+    assert r.returncode == 2 and calls(fake) == [] and "--logs only follows" in r.stderr
 
 
 # ------------------------------------------------------- end to end, local
