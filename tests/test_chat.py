@@ -1,5 +1,6 @@
 """DialoGPT data layout (masking, reversal, truncation), MMI reranking, and the chat CLI."""
 
+import io
 import json
 import random
 import subprocess
@@ -151,6 +152,34 @@ def test_mmi_reranking_picks_the_candidate_with_the_best_backward_score(monkeypa
   assert info["scores"] == pytest.approx(want, rel=1e-5)
   reply, info = chat.respond(fwd, ["11 12 13", "14 15"], num_candidates=4)
   assert reply == "20 21" and info["scores"] is None  # No backward model: the first sample.
+
+
+def test_every_reply_and_candidate_is_one_line(monkeypatch, capsys):
+  """Through a pipe: one output line per input turn, whatever the model writes; the
+  history keeps the reply as written."""
+  fwd = tiny_model(0)
+  # The tiny model's tokenizer reads numbers: turns and replies are numbers and line breaks.
+  replies = iter(["20 21\n22", "\n  23  \n\n", "24"])
+  seen = []
+
+  def respond(model, history, **kw):
+    seen.append(list(history))
+    reply = next(replies)
+    return reply, {"candidates": [reply, "a\nb"], "scores": [1.5, -2.0]}
+
+  monkeypatch.setattr(chat, "respond", respond)
+  out = io.StringIO()
+  chat.chat_loop(fwd, ["11", "", "12 13", "/reset", "14", "/quit", "15"], out, show_candidates=True)
+  assert out.getvalue().splitlines() == ["20 21 / 22", "23", "24"]
+  assert seen == [["11"], ["11", "20 21\n22", "12 13"], ["14"]]  # The model sees its turns unchanged.
+  assert capsys.readouterr().err.splitlines() == [
+    "  [    1.500] 20 21 / 22",
+    "  [   -2.000] a / b",
+    "  [    1.500] 23",
+    "  [   -2.000] a / b",
+    "  [    1.500] 24",
+    "  [   -2.000] a / b",
+  ]
 
 
 def test_rerank_prefers_any_non_empty_candidate():
