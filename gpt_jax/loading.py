@@ -90,8 +90,9 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
 
   `workdir`: a gpt_jax training workdir or params export (tokenizer from its
   tokenizer/ folder); `hf_dir`: a local Hugging Face GPT-2 folder (tokenizer
-  from its vocab.json + merges.txt). Params are sharded over all devices by
-  the config's mesh rules (or `mesh_config`).
+  from its vocab.json + merges.txt). A `workdir` that is a Hugging Face
+  folder (an export of ours, say) is read as one. Params are sharded over
+  all devices by the config's mesh rules (or `mesh_config`).
   """
   if (workdir is None) == (hf_dir is None):
     raise UserError("give exactly one of --workdir or --hf_dir")
@@ -100,6 +101,7 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
     raise UserError(f"--hf_dir={hf_dir}: must be a local folder (copy the bucket's files to disk first)")
   if hf_dir is not None and not is_hf_dir(hf_dir):
     raise UserError(f"--hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
+  from_hf = hf_dir is not None or (not paths.is_url(path) and is_hf_dir(path))
   config, params = load_params(path)
   mesh_cfg = mesh_config or config.get("mesh")
   if mesh_cfg is not None and len(jax.devices()) > 1:
@@ -108,8 +110,8 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
     params = jax.device_put(
       params, sharding.logical_to_shardings(specs, params, mesh, sharding.rules(config))
     )
-  if hf_dir is not None:
-    tok = tokenizer_lib.from_hf_dir(hf_dir)
+  if from_hf:
+    tok = tokenizer_lib.from_hf_dir(path)
   else:
     tok_dir = paths.absolute(path) / "tokenizer"
     if not tok_dir.exists():

@@ -21,7 +21,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gpt_jax import convert, errors, hf, layout, model
+from gpt_jax import convert, errors, hf, layout, loading, model
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_SHAPE = dict(n_layer=3, n_embd=48, n_head=6, vocab_size=1000, n_positions=67)
@@ -149,6 +149,10 @@ def test_tokenizer_files_are_copied(tmp_path):
   out = convert.to_hf(m, params, tmp_path / "hf", tokenizer_dir=gpt2_files)
   tok = transformers.GPT2TokenizerFast.from_pretrained(out)
   assert tok.encode("Hello world") == [15496, 995]  # The GPT-2 ids of these two tokens.
+  # The export is also what --workdir of sample / evaluate / chat accepts.
+  model_cfg, loaded, ours = loading.load_for_inference(workdir=str(out))
+  assert model_cfg.num_layers == 1 and ours.encode("Hello world") == [15496, 995]
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
   with pytest.raises(errors.UserError, match="50257 token ids do not fit model.vocab_size=1000"):
     small = hf.model_config_from_hf(dict(HF_SHAPE, n_layer=1), Path("x"))
     convert.to_hf(small, _random_params(small), tmp_path / "hf2", tokenizer_dir=gpt2_files)

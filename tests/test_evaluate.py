@@ -268,7 +268,11 @@ def test_last_word_accuracy_and_perplexity_on_known_answers(tmp_path, tok, ours)
   )
   res = evaluate.run_task(cfg, _always(params, cat), tok, f"last_word:{path}", evaluate.Options(batch_size=2))
   assert [s["is_greedy"] for s in res.samples] == [True, False, False, True]
+  assert [s["correct"] for s in res.samples] == [True, False, False, True]
   assert [s["word"] for s in res.samples] == [" cat", " mat", " catcat", " cat"]
+  # The model always says " cat": its token-by-token prediction of each word.
+  assert [s["prediction"] for s in res.samples] == [" cat", " cat", " cat cat", " cat"]
+  assert res.samples[1]["text"] == "the dog sat on the mat"
   assert res.samples[3]["prompt"] == "the dog sat on\n the"
   assert res.metrics["acc"] == 0.5 and res.metrics["acc_stderr"] == pytest.approx(0.5 / 2 * math.sqrt(4 / 3))
   assert res.samples[0]["logprob"] > -1e-3  # P(" cat") ~ 1
@@ -290,6 +294,8 @@ def test_generate_exact_match_and_f1_on_known_answers(tmp_path, tok, ours):
   res = evaluate.run_task(cfg, _always(params, cat), tok, f"generate:{path}", opts)
   assert [s["generation"] for s in res.samples] == [" cat cat cat"] * 2
   assert [s["exact_match"] for s in res.samples] == [1.0, 0.0]
+  assert [s["correct"] for s in res.samples] == [True, False]
+  assert res.samples[1]["context"] == "Q: what ran?" and res.samples[1]["answers"] == ["cat dog"]
   assert res.samples[1]["f1"] == pytest.approx(0.4)
   assert res.metrics["f1"] == pytest.approx(0.7) and res.metrics["exact_match"] == 0.5
   # Text stops before the first stop string, even inside a token.
@@ -610,5 +616,12 @@ def test_cli_end_to_end(tmp_path, tok, hf_dir, ours):
   )
   assert results["tasks"]["wiki"]["nll"] == pytest.approx(want["wiki"]["nll"], abs=1e-4)
   assert results["tasks"]["mc"]["acc"] == want["mc"]["acc"]
-  assert len(samples.read_text().splitlines()) == 3 + 3
+  lines = [json.loads(line) for line in samples.read_text().splitlines()]
+  assert len(lines) == 3 + 3
+  mc_lines = [r for r in lines if r["task"] == "mc"]
+  assert [r["context"] for r in mc_lines] == ["the cat", "the dog", "the fox"]
+  assert all(r["choices"] == [" sat", " ran"] and r["label"] == 0 for r in mc_lines)
+  assert all(r["correct"] == (r["prediction"] == 0) for r in mc_lines)
+  assert [r["correct"] for r in mc_lines].count(True) == round(results["tasks"]["mc"]["acc"] * 3)
+  assert all("text" in r and r["perplexity"] > 1 for r in lines if r["task"] == "wiki")
   os.remove(output)
