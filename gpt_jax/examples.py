@@ -7,6 +7,9 @@ writes, from the plays of the default corpus (as plain text):
   "positive" when they contain the word "love" (any case), else "negative",
   balanced; a task one keyword decides, so a small pretrained model can
   learn it in a minute (configs/shakespeare_classify.py).
+- `shakespeare_validation.jsonl`: {"text": scene} for the scenes the default
+  job holds out for validation (data.val_fraction = 0.05), so
+  `evaluate --task=perplexity:...` scores text the model never trained on.
 - `dialogues_train.jsonl` / `dialogues_dev.jsonl`: {"turns": [a, b]} where b
   is the first sentence of the speech that answers the speech whose first
   sentence is a, within a scene; replies in the corpus's own words
@@ -27,6 +30,7 @@ from gpt_jax import data_sources
 from gpt_jax.errors import UserError
 
 KEYWORD = "love"
+VAL_FRACTION = 0.05  # configs/base.py's data.val_fraction: the default job's validation scenes.
 CLASSIFY_ROWS = {"train": 300, "dev": 100}
 DIALOGUE_ROWS = {"train": 2000, "dev": 200}
 _WORD = re.compile(rf"\b{KEYWORD}\b", re.IGNORECASE)
@@ -107,4 +111,9 @@ def write(directory: str) -> list[Path]:
     rows = dialogue_rows(scenes, DIALOGUE_ROWS[split], seed=len(split))
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     written.append(path)
+  docs = data_sources.shakespeare_documents()
+  path = out / "shakespeare_validation.jsonl"
+  held_out = data_sources.held_out(len(docs), VAL_FRACTION)
+  path.write_text("".join(json.dumps({"text": docs[i]}) + "\n" for i in held_out), encoding="utf-8")
+  written.append(path)
   return written

@@ -300,6 +300,7 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
       meta={"tokenizer": tok.fingerprint, "finetune_task": fc.task},
       tokens_per_example=num_seqs * seq_len,
       initial_params=_initial_params(config, base_vocab, mesh, fc),
+      next_steps=next_steps(fc, workdir),
     )
     if fc.task == "dialogue":
       return train.Task(
@@ -350,6 +351,18 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
   return task_fn
 
 
+def next_steps(fc, workdir: str) -> tuple[str, ...]:
+  """Commands to run on a finished fine-tuning run, its workdir filled in."""
+  w = paths.display(workdir)
+  if fc.task == "dialogue":
+    return (
+      f'python -m gpt_jax.chat --workdir={w} --once "What news?"',
+      f"python -m gpt_jax.chat --workdir={w}",
+    )
+  data = fc.eval_path or "FILE.csv"
+  return (f"python -m gpt_jax.finetune --workdir={w} --predict={data}",)
+
+
 def run(config, workdir: str) -> dict:
   """Fine-tunes config.finetune.pretrained (or config.init_from) in workdir; resumes like train.run.
 
@@ -391,6 +404,8 @@ def run(config, workdir: str) -> dict:
       config.eval.every_steps = steps_per_epoch
     if fc.warmup_fraction > 0:
       config.optim.warmup_steps = max(1, round(fc.warmup_fraction * config.train.num_steps))
+    # At least ~20 points on the training curves of a short fine-tune.
+    config.log.every_steps = max(1, min(config.log.every_steps, config.train.num_steps // 20))
   logging.info(
     "fine-tuning %s: %d training examples (%d sequence(s) of %d tokens each), %d eval examples, "
     "%d steps of %d (%d per epoch), warmup %d",

@@ -68,6 +68,15 @@ def local_dir(url: str, *names: str) -> str:
   return os.path.join(root, "gpt_jax", scheme, *rest.split("/"), *names)
 
 
+def display(path) -> str:
+  """A run directory as a user would type it: relative to the current folder when inside it."""
+  p = str(path)
+  if is_url(p):
+    return p
+  rel = os.path.relpath(p)
+  return p if rel.startswith("..") else rel
+
+
 def absolute(path) -> epath.Path:
   """Orbax needs absolute paths (a relative one fails only at save time); a URL stays one."""
   p = str(path)

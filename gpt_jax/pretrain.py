@@ -9,15 +9,17 @@ benchmark to compile exactly the step `run` trains with.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import shlex
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
 from gpt_jax import config as config_lib
-from gpt_jax import data, errors, eval_tasks, evaluate, model, sample, sharding, train
+from gpt_jax import data, errors, eval_tasks, evaluate, model, paths, sample, sharding, train
 from gpt_jax import tokenizer as tokenizer_lib
 
 
@@ -98,10 +100,6 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
 
   def finish(params):
     main = jax.process_index() == 0
-    if main:
-      baseline = data.unigram_loss(config, tok, workdir)
-      logging.info("unigram baseline on the validation tokens: %.4f nats/token", baseline)
-      print(f"unigram baseline (validation): {baseline:.4f} nats/token", flush=True)
     s = config.sample
     if s.num_samples > 0:
       # Every process samples: the parameters are sharded over all of them.
@@ -119,8 +117,40 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
       )
       for i, text in enumerate(texts if main else []):
         print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
+    if not main:
+      return None
+    # What a model that learnt only token frequencies scores: the number to beat.
+    baseline = data.unigram_loss(config, tok, workdir)
+    return {"unigram_loss": baseline, "unigram_perplexity": math.exp(min(baseline, 50.0))}
 
-  return _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
+  task = _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
+  return dataclasses.replace(task, next_steps=next_steps(config, workdir))
+
+
+def next_steps(config, workdir: str) -> tuple[str, ...]:
+  """Commands to run on the finished run, its workdir filled in."""
+  w = paths.display(workdir)
+  prompt = config.sample.prompt if config.sample.prompt.strip() else "Hello"
+  steps = [f"python -m gpt_jax.sample --workdir={w} --prompt={shlex.quote(prompt)} --top_k=50"]
+  if config.data.source == "shakespeare":
+    # examples.py writes this run's held-out scenes and small tasks made from the plays.
+    steps += [
+      "python -m gpt_jax.finetune --make_example=runs/examples",
+      f"python -m gpt_jax.evaluate --workdir={w} "
+      "--task=perplexity:runs/examples/shakespeare_validation.jsonl",
+      f"python -m gpt_jax.finetune --config=configs/shakespeare_classify.py --workdir=runs/clf "
+      f"--config.init_from={w}",
+    ]
+  else:
+    steps.append(
+      f'python -m gpt_jax.evaluate --workdir={w} --task=perplexity:FILE.jsonl  # lines {{"text": ...}}'
+    )
+  m = config.model
+  if m.norm_position == "pre" and set(m.attention_pattern) == {"dense"}:  # What HF GPT-2 can hold.
+    steps.append(f"python -m gpt_jax.convert --ckpt={w} --to_hf={w}_hf")
+  if config.log.tensorboard:
+    steps.append(f"tensorboard --logdir={w}/tensorboard  # pip install -e .[tensorboard]")
+  return tuple(steps)
 
 
 def run(config, workdir: str) -> dict:

@@ -33,6 +33,12 @@ def test_example_files_are_balanced_deterministic_and_from_unseen_scenes(tmp_pat
   assert len(dialogues) == 2000 and all(len(d["turns"]) == 2 and all(d["turns"]) for d in dialogues)
   words = set(re.findall(r"[A-Za-z']+", train_text))
   assert all(set(re.findall(r"[A-Za-z']+", t)) <= words for d in dialogues for t in d["turns"])
+  # Exactly the default job's validation documents (config.data.val_fraction of configs/base.py).
+  from configs import base
+
+  held = [r["text"] for r in _rows(tmp_path / "a" / "shakespeare_validation.jsonl")]
+  val = data_sources.iter_documents(base.get_config().data, "validation")
+  assert held == list(val)
 
 
 def test_speeches_and_first_sentences():
@@ -56,5 +62,6 @@ def test_cli_writes_the_examples(tmp_path):
     "dialogues_train.jsonl",
     "keyword_dev.csv",
     "keyword_train.csv",
+    "shakespeare_validation.jsonl",
   ]
-  assert r.stdout.count("wrote ") == 4
+  assert r.stdout.count("wrote ") == 5
