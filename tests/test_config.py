@@ -77,8 +77,6 @@ def _debug(**changes):
   [
     ({"model__num_heads": 5}, "model.num_heads"),  # 5 does not divide d_model=32
     ({"mesh__data": -1, "mesh__fsdp": -1}, "mesh"),
-    ({"mesh__tensor": 0}, "mesh.tensor"),
-    ({"mesh__tensor": 3}, "mesh.tensor"),  # does not divide num_heads=4
     ({"train__seq_len": 64}, "train.seq_len"),  # > block_size=32
     ({"train__grad_accum_steps": 3}, "train.grad_accum_steps"),  # does not divide batch_size=8
     ({"train__batch_size": 0}, "train.batch_size"),

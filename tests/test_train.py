@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint, loading, model, optim, pretrain, sharding, train
-from gpt_jax.errors import ConfigError, UserError
+from gpt_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,12 +231,6 @@ def test_profile_ending_with_the_run_is_still_written(debug_config, tmp_path):
   debug_config.eval.every_steps = 0
   train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
   assert len(_traces(tmp_path)) == 1  # Written only when the trace is stopped.
-
-
-def test_mesh_must_cover_devices(debug_config):
-  debug_config.mesh.update(data=3, fsdp=1, tensor=1)
-  with pytest.raises(ConfigError, match="mesh"):
-    sharding.make_mesh(debug_config.mesh)
 
 
 def test_lr_schedule_shape(debug_config):
