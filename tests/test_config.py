@@ -81,7 +81,6 @@ def _debug(**changes):
     ({"train__grad_accum_steps": 3}, "train.grad_accum_steps"),  # does not divide batch_size=8
     ({"train__batch_size": 0}, "train.batch_size"),
     ({"optim__lr": 0.0}, "optim.lr"),
-    ({"optim__schedule": "step"}, "optim.schedule"),
     ({"data__source": "web"}, "data.source"),
     ({"sample__top_p": 0.0}, "sample.top_p"),
   ],

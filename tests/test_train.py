@@ -233,32 +233,6 @@ def test_profile_ending_with_the_run_is_still_written(debug_config, tmp_path):
   assert len(_traces(tmp_path)) == 1  # Written only when the trace is stopped.
 
 
-def test_lr_schedule_shape(debug_config):
-  o = debug_config.optim
-  o.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
-  s = optim.lr_schedule(o, 110)
-  assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
-  assert abs(float(s(60)) - 0.55) < 1e-6  # Half-way down the cosine: (1 + 0.1) / 2.
-  assert abs(float(s(110)) - 0.1) < 1e-6
-  o.schedule = "linear"
-  s = optim.lr_schedule(o, 110)
-  assert abs(float(s(60)) - 0.55) < 1e-6 and abs(float(s(110)) - 0.1) < 1e-6
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_weight_decay_only_on_matmul_weights(debug_config, scan):
-  debug_config.model.scan_layers = scan
-  params = model.init_params(debug_config.model, jax.random.key(0))
-  mask = optim.decay_mask(params)
-  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  decayed = sorted(k for k, m in flat.items() if m)
-  assert decayed and all(k.endswith("['kernel']") or k == "['wte']" for k in decayed), decayed
-  assert "['wte']" in decayed and "['wpe']" not in decayed
-  # Every kernel (attention in/out, MLP in/out in each block) is decayed.
-  kernels = [k for k in flat if k.endswith("['kernel']")]
-  assert len(kernels) == (4 if scan else 4 * debug_config.model.num_layers) and set(kernels) <= set(decayed)
-
-
 # ------------------------------------------------------- end to end (subprocess)
 
 
