@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint, loading, model, optim, pretrain, sharding, train
-from gpt_jax.errors import UserError
+from gpt_jax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,6 +231,28 @@ def test_profile_ending_with_the_run_is_still_written(debug_config, tmp_path):
   debug_config.eval.every_steps = 0
   train.run(debug_config, str(tmp_path), task_fn=_fake_task(_tokens(debug_config), 8))
   assert len(_traces(tmp_path)) == 1  # Written only when the trace is stopped.
+
+
+@pytest.mark.parametrize(
+  "field, value, allowed",
+  [
+    ("train.grad_accum_steps", 3, "must divide train.batch_size=8"),
+    ("train.batch_size", 0, "must be a positive integer"),
+    ("train.max_bad_steps", 0, "must be a positive integer"),
+    ("train.num_steps", -1, "must be a number >= 0"),
+    ("train.seq_len", 33, "must be <= model.block_size=32"),
+    ("checkpoint.every_steps", 0, "must be a positive integer"),
+    ("checkpoint.keep", -1, "must be a positive integer"),
+    ("checkpoint.async_save", "yes", "must be True or False"),
+  ],
+)
+def test_validate_names_the_field(debug_config, field, value, allowed):
+  section, name = field.split(".")
+  with debug_config[section].ignore_type():
+    debug_config[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    train.validate(debug_config)
+  assert str(e.value) == f"config.{field}={value!r} is invalid: {allowed}"
 
 
 # ------------------------------------------------------- end to end (subprocess)
