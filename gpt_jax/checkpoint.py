@@ -171,4 +171,20 @@ def restore_params(item_dir: epath.Path, abstract, *, in_state: bool):
     raise UserError(
       f"cannot restore params from {item_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
     ) from e
-  return restored["params"] if in_state else restored
+  params = restored["params"] if in_state else restored
+  _check_restored(item_dir, abstract, params)
+  return params
+
+
+def _check_restored(item_dir, abstract, params) -> None:
+  """Orbax checks shapes only for targets with a sharding; without one it returns the stored
+  shape, and a partial restore returns a missing leaf as its ShapeDtypeStruct: both are refused."""
+
+  def check(path, want, got):
+    where = f"cannot restore params from {item_dir}: {jax.tree_util.keystr(path)}"
+    if isinstance(got, jax.ShapeDtypeStruct):
+      raise UserError(f"{where} is not in the checkpoint")
+    if tuple(got.shape) != tuple(want.shape):
+      raise UserError(f"{where} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+
+  jax.tree_util.tree_map_with_path(check, abstract, params)

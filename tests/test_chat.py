@@ -1,4 +1,5 @@
-"""DialoGPT data layout (masking, reversal, truncation), MMI reranking, and the chat CLI."""
+"""DialoGPT: the training loss, chat history, MMI reranking, and the chat CLI (the data layout:
+test_finetune_data.py)."""
 
 import io
 import json
@@ -19,36 +20,8 @@ from gpt_jax import finetune_data as fd
 EOT = 9
 
 
-def test_dialogue_loss_covers_only_the_response_turns():
-  turns = [[1, 2], [3], [4, 5]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="last", reverse=False)
-  assert tokens == [9, 1, 2, 9, 3, 9, 4, 5, 9]
-  # mask[j] says whether tokens[j + 1] is trained: the last turn and its <|endoftext|>.
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [4, 5, 9]
-  assert len(mask) == len(tokens) - 1
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="all", reverse=False)
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [3, 9, 4, 5, 9]
-
-
-def test_backward_data_is_the_reversed_dialogue():
-  turns = [[1, 2], [3], [4, 5]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="all", reverse=True)
-  assert tokens == [9, 4, 5, 9, 3, 9, 1, 2, 9]
-  # P(source | response): everything after the (last, now first) response is trained.
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [3, 9, 1, 2, 9]
-
-
-def test_long_dialogues_drop_their_oldest_turns_first():
-  turns = [[1, 1, 1], [2, 2], [3], [4, 4]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=8, loss_turns="last", reverse=False)
-  assert tokens == [9, 2, 2, 9, 3, 9, 4, 4, 9]
-  tokens, _ = fd.dialogue_sequence(turns, EOT, max_len=5, loss_turns="last", reverse=False)
-  assert tokens == [9, 3, 9, 4, 4, 9]
-  # Two turns stay; what still does not fit is cut from the start (the end, reversed).
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=4, loss_turns="last", reverse=False)
-  assert tokens == [3, 9, 4, 4, 9] and mask == [0, 1, 1, 1]
-  tokens, _ = fd.dialogue_sequence(turns, EOT, max_len=4, loss_turns="all", reverse=True)
-  assert tokens == [9, 4, 4, 9, 3]
+def test_chat_history_drops_its_oldest_turns_first():
+  # As training data does (test_finetune_data.py: test_long_dialogues_drop_their_oldest_turns_first).
   assert chat.fit_history([[1, 1, 1], [2, 2], [3]], EOT, 6) == [[2, 2], [3]]
   assert chat.fit_history([[1, 1, 1], [2, 2, 2, 2, 2, 2]], EOT, 6) == [[2, 2, 2, 2]]
 

