@@ -111,3 +111,63 @@ def test_a_fresh_start_or_nothing_to_redo_leaves_the_file_alone(tmp_path):
   metrics.MetricsWriter(str(tmp_path), tensorboard=False).close()
   assert (tmp_path / metrics.METRICS_FILE).read_text() == '{"step": 1}\n{"step": 2}\n'
   assert not (tmp_path / metrics.SUPERSEDED_FILE).exists()
+
+
+def test_curves_png_and_last_records(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  for step, loss in ((1, 5.0), (2, 4.0), (3, 3.5)):
+    w.write(step, {"loss": loss})
+  w.write(3, {"eval_loss": 3.9, "eval_perplexity": float(np.exp(3.9))})
+  w.write(3, {"unigram_loss": 5.9})
+  w.flush()
+  w.close()
+  png = (tmp_path / metrics.CURVES_FILE).read_bytes()
+  assert png.startswith(b"\x89PNG") and w.curves_path == f"{tmp_path}/{metrics.CURVES_FILE}"
+  assert metrics.last_records(str(tmp_path)) == {
+    "step": 3,
+    "loss": 3.5,
+    "eval_loss": 3.9,
+    "eval_perplexity": pytest.approx(np.exp(3.9)),
+    "unigram_loss": 5.9,
+  }
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_run_scalars(tmp_path):
+  """The viewer the README points to (pip install -e .[tensorboard]) starts headless and serves
+  what MetricsWriter logged."""
+  import re
+  import subprocess
+  import sys
+  import time
+  import urllib.request
+
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=True)
+  for step in range(1, 6):
+    w.write(step, {"loss": 6.0 - step})
+  w.close()
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "tensorboard.main", f"--logdir={tmp_path / 'tensorboard'}", "--host=127.0.0.1",
+     "--port=0", "--load_fast=false"],
+    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  )  # fmt: skip
+  try:
+    url, deadline, out = None, time.time() + 120, ""
+    while url is None and time.time() < deadline:
+      line = proc.stdout.readline()
+      out += line
+      m = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+      url = m and m.group(1)
+      assert line or proc.poll() is None, out
+    assert url, out
+    while time.time() < deadline:
+      tags = json.loads(urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=10).read())
+      if tags.get(".", {}).get("loss"):
+        break
+      time.sleep(0.5)
+    query = f"{url}/data/plugin/scalars/scalars?tag=loss&run=."
+    points = json.loads(urllib.request.urlopen(query, timeout=10).read())
+    assert [(p[1], p[2]) for p in points] == [(s, 6.0 - s) for s in range(1, 6)]
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
