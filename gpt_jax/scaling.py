@@ -311,6 +311,73 @@ def predict(fit: Chinchilla, boots, n: float, d: float, level: float) -> tuple[f
   return float(fit.loss(n, d)), interval([b.loss(n, d) for b in boots], level)
 
 
+def from_report(report: dict) -> Chinchilla:
+  return Chinchilla(**{key: report["analysis"]["fit"][key] for key in ("E", "A", "B", "alpha", "beta")})
+
+
+def analyse_runs(rows: list[dict], *, samples: int, level: float, seed: int, delta: float = HUBER_DELTA):
+  """(analysis, held-out check, bootstrap fits) for a ladder's report rows (n, tokens,
+  flops_per_token, compute, eval_loss, held_out, name). The frontier's k is the fitted
+  rows' mean FLOPs per token / N."""
+  fitted = [r for r in rows if not r["held_out"]]
+  col = lambda key: np.array([r[key] for r in fitted], float)
+  k = float(np.mean(col("flops_per_token") / col("n")))
+  analysis = analyse(
+    col("n"), col("tokens"), col("compute"), col("eval_loss"), k=k, samples=samples, level=level, seed=seed,
+    delta=delta,
+  )  # fmt: skip
+  boots = analysis.pop("_boots")
+  if analysis["loss_vs_compute"]:  # Pareto indices -> run names.
+    lvc = analysis["loss_vs_compute"]
+    lvc["points"] = [fitted[i]["name"] for i in lvc["points"]]
+  fit = Chinchilla(**{key: analysis["fit"][key] for key in ("E", "A", "B", "alpha", "beta")})
+  holdout = None
+  for r in rows:
+    if r["held_out"]:
+      pred, ci = predict(fit, boots, r["n"], r["tokens"], level)
+      holdout = {
+        "name": r["name"],
+        "actual": r["eval_loss"],
+        "predicted": pred,
+        "ci": ci,
+        "relative_error": (pred - r["eval_loss"]) / r["eval_loss"],
+        "within_ci": ci[0] <= r["eval_loss"] <= ci[1],
+      }
+  return analysis, holdout, boots
+
+
+def _ci(ci) -> str:
+  return f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def summary(report: dict) -> str:
+  """The report in a few lines: the fit, the frontier, L(C), the held-out rung."""
+  a, f = report["analysis"], report["analysis"]["fit"]
+  level = a["bootstrap"]["level"]
+  fr = a["frontier"]
+  lines = [
+    f"fit ({f['points']} runs, N = {report['n_definition']['name']}): L(N, D) = {f['E']:.4g} + "
+    f"{f['A']:.4g}/N^{f['alpha']:.4f} + {f['B']:.4g}/D^{f['beta']:.4f}; "
+    f"{level:.0%} CI alpha {_ci(f['ci']['alpha'])}, beta {_ci(f['ci']['beta'])}; "
+    f"rms ln-residual {a['residual_log_loss_rms']:.4f}",
+    f"frontier (C = {fr['k']:.3g}·N·D): N* ∝ C^{fr['a']:.3f} {_ci(fr['ci']['a'])}, D* ∝ C^{fr['b']:.3f} "
+    f"{_ci(fr['ci']['b'])}, L*(C) = {f['E']:.4g} + ({fr['C0']:.4g}/C)^{fr['gamma']:.4f}",
+  ]
+  lvc = a.get("loss_vs_compute")
+  if lvc:
+    lines.append(
+      f"loss vs compute ({len(lvc['points'])} Pareto runs): L(C) = {lvc['E']:.4g} + ({lvc['C0']:.4g}/C)^"
+      f"{lvc['gamma']:.4f}, gamma CI {_ci(lvc['gamma_ci'])}"
+    )
+  h = report.get("holdout")
+  if h:
+    lines.append(
+      f"held out {h['name']}: predicted {h['predicted']:.4f} {_ci(h['ci'])}, actual {h['actual']:.4f}: "
+      f"error {h['relative_error']:+.2%}"
+    )
+  return "\n".join(lines)
+
+
 # --------------------------------------------------------------------- plot
 
 
@@ -324,7 +391,7 @@ def plot(report: dict, path) -> None:
 
   runs = report["runs"]
   a = report["analysis"]
-  fit = Chinchilla(**{key: a["fit"][key] for key in ("E", "A", "B", "alpha", "beta")})
+  fit = from_report(report)
   k = a["frontier"]["k"]
   fig, (ax_c, ax_n) = plt.subplots(1, 2, figsize=(13, 5.2))
   sizes = sorted({r["shape"] for r in runs}, key=lambda s: next(r["n"] for r in runs if r["shape"] == s))
