@@ -1,4 +1,4 @@
-"""Scaling-law ladder on Shakespeare: 5 model sizes x 3 token budgets + 1 held-out rung, on 2 CPU cores.
+"""Scaling-law ladder on Shakespeare: 4 model sizes x 3 token budgets + 1 held-out rung, on 2 CPU cores.
 
   python -m gpt_jax.ladder --config=configs/ladder_shakespeare.py --workdir=runs/ladder
 
@@ -27,12 +27,12 @@ def get_config():
   # comma-separated: --config.ladder.shapes=1x32,2x64. Depth grows with width
   # as in the GPT-2/3 families; the 2,048-id vocabulary makes the smallest
   # models mostly embedding (see ladder.n).
-  lc.shapes = "1x32,2x48,2x64,3x96,4x128"
+  lc.shapes = "1x32,2x48,2x64,3x96"
   lc.head_dim = 16
-  # Token budgets D per shape (rounded to whole steps of batch x seq_len):
-  # a 16x range so the fit can separate A/N^α from B/D^β. The largest is
-  # ~0.9 epoch of the training split.
-  lc.tokens = (125_000, 500_000, 2_000_000)
+  # Token budgets D per shape (rounded to whole steps of batch x seq_len:
+  # 49, 146 and 439 steps): a 9x range, so the fit can tell A/N^α from
+  # B/D^β. The largest is under half an epoch of the training split.
+  lc.tokens = (100_000, 300_000, 900_000)
   # IsoFLOP budgets instead (FLOPs; when given, `tokens` is ignored): every
   # shape trains for C / FLOPs-per-token tokens; budgets under min_steps steps
   # are left out.
@@ -40,8 +40,8 @@ def get_config():
   lc.min_steps = 20
   # A rung trained but left out of the fit, to check the prediction: a shape
   # bigger than the grid's at the largest budget (extrapolation in N and C).
-  lc.holdout_shape = "4x160"
-  lc.holdout_tokens = 2_000_000
+  lc.holdout_shape = "4x128"  # shakespeare.py's model, 2x the largest fitted N.
+  lc.holdout_tokens = 900_000
   lc.warmup_fraction = 0.1  # optim.warmup_steps = 10% of each rung's steps; 0 = keep optim.warmup_steps.
   # N in the fit: "matmul" (parameters minus the position table, the N of the
   # PaLM FLOPs formula; Chinchilla's total-parameter convention) or

@@ -388,6 +388,7 @@ def plot(report: dict, path) -> None:
 
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+  from matplotlib import ticker
 
   runs = report["runs"]
   a = report["analysis"]
@@ -469,7 +470,13 @@ def plot(report: dict, path) -> None:
   ax_n.set_xlabel(f"N ({report['n_definition']['name']} parameters)")
   ax_n.set_ylabel("validation loss (nats/token)")
   ax_n.set_title("loss vs N at fixed " + ("D" if report["mode"] == "tokens" else "C (IsoFLOP)"))
+  for r in runs:
+    if r["held_out"]:
+      ax_n.plot(r["n"], r["eval_loss"], "*", color="tab:red", ms=14, label=f"held out {r['name']}")
   ax_n.legend(fontsize=7)
+  for ax in (ax_c, ax_n):  # Losses span less than a decade: plain tick labels, not 4x10^0.
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.1f"))
   f = a["fit"]
   fig.suptitle(
     f"L(N, D) = {f['E']:.3g} + {f['A']:.3g}/N^{f['alpha']:.3f} + {f['B']:.3g}/D^{f['beta']:.3f}"
