@@ -312,14 +312,27 @@ def _read_json(path) -> dict | None:
     raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete it to retrain that rung") from None
 
 
+def _finite(obj):
+  """Non-finite floats (an exponent's interval over degenerate resamples, an overflowing C0) as
+  null: strict JSON has no NaN or Infinity."""
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, float | np.floating) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def _write_json(path, obj) -> None:
   """Whole-file replace (a local file is renamed into place; a bucket object is written at once)."""
   p = epath.Path(path)
+  text = json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n"
   if config_lib.is_url(str(path)):
-    p.write_text(json.dumps(obj, indent=1) + "\n")
+    p.write_text(text)
     return
   tmp = p.parent / f".{p.name}.tmp"
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
+  tmp.write_text(text)
   tmp.replace(p)
 
 

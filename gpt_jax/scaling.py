@@ -59,34 +59,46 @@ class Chinchilla:
     return self.E + self.A / n**self.alpha + self.B / d**self.beta
 
   def frontier(self, k: float) -> dict:
-    """The compute-optimal allocation for C = k·N·D (formulas in the module docstring)."""
+    """The compute-optimal allocation for C = k·N·D (formulas in the module docstring).
+
+    Computed in logs (A, B can be e^25, and a resample's fit can put C0 beyond a float:
+    then C0 is inf and log_C0 still holds it)."""
     s = self.alpha + self.beta
-    if self.alpha <= 0 or self.beta <= 0:
-      return {"k": k, "a": math.nan, "b": math.nan, "G": math.nan, "gamma": 0.0, "C0": math.nan}
-    # In logs: A, B can be e^25 and G^β overflows a float before the product is formed.
+    ok = self.alpha > 0 and self.beta > 0 and 0 < self.A < math.inf and 0 < self.B < math.inf
+    if not ok:
+      nan = math.nan
+      return {"k": k, "a": nan, "b": nan, "G": nan, "log_G": nan, "gamma": 0.0, "C0": nan, "log_C0": nan}
     log_g = (math.log(self.alpha / self.beta) + math.log(self.A) - math.log(self.B)) / s
     gamma = self.alpha * self.beta / s
     log_k_term = np.logaddexp(math.log(self.A) - self.alpha * log_g, math.log(self.B) + self.beta * log_g)
+    log_c0 = math.log(k) + float(log_k_term) / gamma
     return {
       "k": k,
       "a": self.beta / s,
       "b": self.alpha / s,
-      "G": math.exp(log_g),
+      "G": _exp(log_g),
+      "log_G": log_g,
       "gamma": gamma,
-      "C0": k * math.exp(log_k_term / gamma),
+      "C0": _exp(log_c0),
+      "log_C0": log_c0,
     }
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
 
 
+def _exp(x: float) -> float:
+  return math.exp(x) if x < 709.0 else math.inf
+
+
 def frontier_point(fit: Chinchilla, k: float, c):
   """(N*(C), D*(C), L*(C)) on the frontier of C = k·N·D."""
   f = fit.frontier(k)
-  s = np.asarray(c, float) / k
-  n = f["G"] * s ** f["a"]
-  d = s ** f["b"] / f["G"]
-  return n, d, fit.E + (f["C0"] / np.asarray(c, float)) ** f["gamma"]
+  log_s = np.log(np.asarray(c, float) / k)
+  with np.errstate(over="ignore"):  # A degenerate fit's N* or D* may be beyond a float: inf.
+    n = np.exp(f["log_G"] + f["a"] * log_s)
+    d = np.exp(f["b"] * log_s - f["log_G"])
+    return n, d, fit.E + np.exp(f["gamma"] * (f["log_C0"] - np.log(np.asarray(c, float))))
 
 
 # ------------------------------------------------------------------ fitting
@@ -174,13 +186,16 @@ def fit_chinchilla(
     order = np.argsort(_grid_scores(_grid(), x, y, log_loss, delta), kind="stable")
     theta0 += list(_grid()[order[:starts]])
   res = _minimise(lambda t: _huber_objective(t, x - xm, y - ym, log_loss, delta), [shift @ t for t in theta0])
+  if res is None:  # Every start diverged (a resample of a few distinct runs can do that).
+    return Chinchilla(*[math.nan] * 5), math.inf
   a, b, e, alpha, beta = np.linalg.solve(shift, res.x)
-  fit = Chinchilla(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
+  fit = Chinchilla(E=_exp(e), A=_exp(a), B=_exp(b), alpha=float(alpha), beta=float(beta))
   return fit, float(res.fun)
 
 
 def _theta(fit: Chinchilla) -> np.ndarray:
-  return np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])
+  """(a, b, e, α, β) of a fit; an E that underflowed to 0 becomes e = ln 1e-300."""
+  return np.array([*np.log(np.clip([fit.A, fit.B, fit.E], 1e-300, 1e300)), fit.alpha, fit.beta])
 
 
 def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int, seed: int, delta: float = HUBER_DELTA):
@@ -189,11 +204,13 @@ def bootstrap_chinchilla(n, d, loss, fit: Chinchilla, *, samples: int, seed: int
   would cost several times more (the full fit's grid search is what finds the basin)."""
   n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
   rng = np.random.default_rng(seed)
+  theta = _theta(fit)
+  warm = [theta] if np.all(np.isfinite(theta)) else []  # A failed fit (nan): 3 grid starts instead.
   fits = []
   for _ in range(samples):
     idx = rng.integers(0, len(n), len(n))
     fits.append(
-      fit_chinchilla(n[idx], d[idx], loss[idx], delta=delta, starts=0, extra_starts=[_theta(fit)])[0]
+      fit_chinchilla(n[idx], d[idx], loss[idx], delta=delta, starts=0 if warm else 3, extra_starts=warm)[0]
     )
   return fits
 
@@ -243,7 +260,7 @@ def fit_loss_vs_compute(compute, loss, *, delta: float = HUBER_DELTA, start: dic
   if start is not None:
     gamma = start["gamma"]
     e = math.log(start["E"]) if start["E"] > 0 else -30.0
-    starts = [[gamma * (math.log(start["C0"]) - m), gamma, e]]
+    starts = [[gamma * (start["log_C0"] - m), gamma, e]]
   else:
     l_m, lc_m = float(np.exp(np.median(ll))), float(np.median(lcc))
     starts = []
@@ -254,17 +271,21 @@ def fit_loss_vs_compute(compute, loss, *, delta: float = HUBER_DELTA, start: dic
           [math.log(l_m - e_prime) + gamma * lc_m, gamma, math.log(e_prime) if e_prime > 0 else -30.0]
         )
   res = _minimise(objective, starts)
+  if res is None:
+    nan = math.nan
+    return {"E": nan, "C0": nan, "log_C0": nan, "gamma": nan, "form": "pure" if pure else "offset"}
   v, gamma, e = res.x
   return {
-    "E": 0.0 if pure else math.exp(e),
-    "C0": math.exp(m + v / gamma),
+    "E": 0.0 if pure else _exp(e),
+    "C0": _exp(m + v / gamma),
+    "log_C0": m + v / gamma,
     "gamma": float(gamma),
     "form": "pure" if pure else "offset",
   }
 
 
 def loss_vs_compute(fit: dict, c):
-  return fit["E"] + (fit["C0"] / np.asarray(c, float)) ** fit["gamma"]
+  return fit["E"] + np.exp(fit["gamma"] * (fit["log_C0"] - np.log(np.asarray(c, float))))
 
 
 # ----------------------------------------------------------------- analysis

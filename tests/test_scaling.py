@@ -128,3 +128,19 @@ def test_plot_writes_a_png(tmp_path):
   }
   scaling.plot(report, tmp_path / "p.png")
   assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_degenerate_ladders_do_not_raise():
+  """A tiny ladder's losses barely move (few steps): the fit may be meaningless, but the
+  analysis, its frontier (C0 beyond a float) and intervals must still come back."""
+  front = scaling.Chinchilla(E=1.0, A=5.0, B=1e9, alpha=1e-3, beta=2e-3).frontier(6.0)
+  assert front["C0"] == math.inf and math.isfinite(front["log_C0"])
+  _, _, l_opt = scaling.frontier_point(
+    scaling.Chinchilla(E=1.0, A=5.0, B=1e9, alpha=1e-3, beta=2e-3), 6.0, 1e12
+  )
+  assert np.isfinite(l_opt)
+  assert math.isnan(scaling.Chinchilla(E=1.0, A=0.0, B=1.0, alpha=0.3, beta=0.3).frontier(6.0)["a"])
+  n, d = grid(3, 2)
+  loss = 5.6 + 0.01 * np.sin(np.arange(len(n)))
+  a = scaling.analyse(n, d, 6 * n * d, loss, k=6.0, samples=20, level=0.9, seed=0)
+  assert len(a.pop("_boots")) == 20 and a["fit"]["points"] == 6
