@@ -412,7 +412,8 @@ def run(
 ) -> tuple[dict, list]:
   """Trains the ladder's unfinished rungs (train=False: none), fits, writes the report.
 
-  Returns (report, bootstrap fits). `train_fn(config, workdir)` defaults to train.run.
+  Returns (report, bootstrap fits) on process 0, (None, []) on the others.
+  `train_fn(config, workdir)` defaults to train.run.
   """
   import jax
 
@@ -422,6 +423,7 @@ def run(
   workdir = config_lib.run_dir(workdir)
   rungs = validate(config)
   main = jax.process_index() == 0
+  log = log if main else (lambda s: None)
   epath.Path(workdir, "runs").mkdir(parents=True, exist_ok=True)
   tokenizer_dir = _pin_tokenizer(config, workdir) if train else None
   for i, rung in enumerate(rungs, 1):
@@ -464,13 +466,14 @@ def run(
     }
     if main:
       _write_json(f"{rdir}/{RUNG_FILE}", record)
+  if not main:  # Process 0 alone reads the runs' files (it writes them) and reports.
+    return None, []
   report, boots = build_report(config, workdir, rungs)
-  if main:
-    _write_json(f"{workdir}/{REPORT_FILE}", report)
-    buf = io.BytesIO()
-    scaling.plot(report, buf)
-    epath.Path(workdir, PLOT_FILE).write_bytes(buf.getvalue())
-    log(f"{scaling.summary(report)}\nreport: {workdir}/{REPORT_FILE}, {workdir}/{PLOT_FILE}")
+  _write_json(f"{workdir}/{REPORT_FILE}", report)
+  buf = io.BytesIO()
+  scaling.plot(report, buf)
+  epath.Path(workdir, PLOT_FILE).write_bytes(buf.getvalue())
+  log(f"{scaling.summary(report)}\nreport: {workdir}/{REPORT_FILE}, {workdir}/{PLOT_FILE}")
   return report, boots
 
 
@@ -604,15 +607,12 @@ def main(argv) -> None:
     config_file=flags.FLAGS["config"].config_filename,
     user_overrides=user_overrides(sys.argv[1:]),
   )
-  if target is not None:
-    import jax
-
+  if target is not None and report is not None:
     tokens = F.tokens or target.train.num_steps * target.train.batch_size * config_lib.seq_len(target)
     line, notes = prediction_line(report, boots, target, tokens, flags.FLAGS["predict"].config_filename)
-    if jax.process_index() == 0:
-      print(line, flush=True)
-      for note in notes:
-        print(f"note: {note}", file=sys.stderr, flush=True)
+    print(line, flush=True)
+    for note in notes:
+      print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
