@@ -31,18 +31,23 @@ import json
 import math
 import re
 import shlex
+import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from etils import epath
+from ml_collections import config_flags
 
+from gpt_jax import cli, distributed, metrics, paths, pretrain, scaling
 from gpt_jax import config as config_lib
-from gpt_jax import metrics, scaling
 from gpt_jax import model as model_lib
-from gpt_jax.config import ConfigError, UserError
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import ConfigError, UserError
 
 RUNG_FILE = "ladder_rung.json"
 REPORT_FILE = "ladder_report.json"
@@ -204,8 +209,9 @@ def param_counts(model_cfg) -> dict:
   """{"params", "non_embedding_params", "matmul_params"} from shapes (no memory)."""
   shapes = nn.unbox(model_lib.abstract_params(model_cfg))
   total = model_lib.param_count(shapes)
-  wte, wpe = (int(np.prod(shapes[k].shape)) for k in ("wte", "wpe"))
-  return {"params": total, "non_embedding_params": total - wte - wpe, "matmul_params": total - wpe}
+  lookup = sum(int(np.prod(shapes[k].shape)) for k in model_lib.position_tables(model_cfg))
+  wte = int(np.prod(shapes["wte"].shape))
+  return {"params": total, "non_embedding_params": total - wte - lookup, "matmul_params": total - lookup}
 
 
 def flops_per_token(config, layers: int, d: int, heads: int) -> float:
@@ -225,9 +231,7 @@ def shared_dirs(config, workdir: str) -> dict:
   root = f"{workdir}/shared"
   data_dir = config.data.data_dir
   if not data_dir:  # The token cache is memory-mapped: a URL ladder keeps it on each host's disk.
-    data_dir = (
-      config_lib.local_dir(workdir, "shared", "data") if config_lib.is_url(workdir) else f"{root}/data"
-    )
+    data_dir = paths.local_dir(workdir, "shared", "data") if paths.is_url(workdir) else f"{root}/data"
   cache = config.train.compilation_cache_dir or f"{root}/jax_cache"
   return {"root": root, "data_dir": data_dir, "compilation_cache_dir": cache}
 
@@ -328,7 +332,7 @@ def _write_json(path, obj) -> None:
   """Whole-file replace (a local file is renamed into place; a bucket object is written at once)."""
   p = epath.Path(path)
   text = json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n"
-  if config_lib.is_url(str(path)):
+  if paths.is_url(str(path)):
     p.write_text(text)
     return
   tmp = p.parent / f".{p.name}.tmp"
@@ -368,8 +372,6 @@ def final_metrics(rung_dir: str, steps: int) -> dict:
 
 def _pin_tokenizer(config, workdir: str):
   """The ladder's one tokenizer, in <workdir>/shared/tokenizer/ (trained / loaded once)."""
-  from gpt_jax import tokenizer as tokenizer_lib
-
   shared = shared_dirs(config, workdir)
   c = config.copy_and_resolve_references()
   c.data.data_dir = shared["data_dir"]
@@ -379,19 +381,13 @@ def _pin_tokenizer(config, workdir: str):
 
 def _copy_tokenizer(source: str, rung_dir: str) -> None:
   """Puts the ladder's tokenizer into the rung's workdir, where train.run pins its tokenizer."""
-  import jax
-
-  from gpt_jax import tokenizer as tokenizer_lib
-
   final = epath.Path(rung_dir) / "tokenizer"
   if jax.process_index() != 0 or (final / tokenizer_lib.META_FILE).exists():
     return
   tok, request = tokenizer_lib.load_dir(source), tokenizer_lib.load_request(source)
-  if config_lib.is_url(rung_dir):
+  if paths.is_url(rung_dir):
     tok.save(str(final), request=request)  # Its metadata file goes last.
     return
-  from pathlib import Path
-
   tmp = tokenizer_lib.tmp_dir_for(Path(str(final)))
   tok.save(str(tmp), request=request)
   tokenizer_lib.publish_dir(tmp, Path(str(final)))
@@ -413,14 +409,10 @@ def run(
   """Trains the ladder's unfinished rungs (train=False: none), fits, writes the report.
 
   Returns (report, bootstrap fits) on process 0, (None, []) on the others.
-  `train_fn(config, workdir)` defaults to train.run.
+  `train_fn(config, workdir)` defaults to pretrain.run.
   """
-  import jax
-
-  from gpt_jax import train as train_lib
-
-  train_fn = train_fn or train_lib.run
-  workdir = config_lib.run_dir(workdir)
+  train_fn = train_fn or pretrain.run
+  workdir = paths.run_dir(workdir)
   rungs = validate(config)
   main = jax.process_index() == 0
   log = log if main else (lambda s: None)
@@ -581,12 +573,6 @@ def prediction_line(report: dict, boots, target_config, tokens: float, name: str
 
 
 def main(argv) -> None:
-  import sys
-
-  from absl import flags
-
-  from gpt_jax import distributed
-
   F = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -604,21 +590,19 @@ def main(argv) -> None:
     config,
     F.workdir,
     train=F.train,
-    config_file=flags.FLAGS["config"].config_filename,
+    config_file=config_flags.get_config_filename(flags.FLAGS["config"]),
     user_overrides=user_overrides(sys.argv[1:]),
   )
   if target is not None and report is not None:
     tokens = F.tokens or target.train.num_steps * target.train.batch_size * config_lib.seq_len(target)
-    line, notes = prediction_line(report, boots, target, tokens, flags.FLAGS["predict"].config_filename)
+    predict_file = config_flags.get_config_filename(flags.FLAGS["predict"])
+    line, notes = prediction_line(report, boots, target, tokens, predict_file)
     print(line, flush=True)
     for note in notes:
       print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
-
   # Defined only when run as a program, so importing this module defines no flags.
   config_flags.DEFINE_config_file(
     "config", None, "Ladder config, e.g. configs/ladder_shakespeare.py.", lock_config=True
@@ -637,4 +621,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process).")
   flags.DEFINE_integer("num_processes", None, "Processes in the job.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-  config_lib.run(main)
+  cli.run(main)

@@ -8,10 +8,10 @@
 Re-running the same command on a workdir with checkpoints resumes it.
 """
 
+import sys
+
 from absl import flags, logging
 from ml_collections import config_flags
-
-import sys
 
 from gpt_jax import cli, distributed, finetune, ladder, pretrain
 from gpt_jax import config as config_lib

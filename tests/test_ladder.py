@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import ladder_shakespeare
+from gpt_jax import cli, ladder, metrics, plan, pretrain, scaling
 from gpt_jax import config as config_lib
-from gpt_jax import ladder, metrics, plan, scaling, train
-from gpt_jax.config import ConfigError, UserError
+from gpt_jax.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # A ladder that trains in seconds: 3 shapes x 2 budgets (2 and 6 steps of 8 x 32 tokens) + a held-out
@@ -46,8 +46,11 @@ NAMES = [
 TRUTH = scaling.Chinchilla(E=2.0, A=100.0, B=20.0, alpha=0.4, beta=0.3)
 
 
+LADDER_CONFIG = str(ROOT / "configs" / "ladder_shakespeare.py")
+
+
 def tiny_config(*extra):
-  config = plan.apply_overrides(ladder_shakespeare.get_config(), [*TINY, *extra])
+  config = cli.load_config(LADDER_CONFIG, [*TINY, *extra], lock=False)
   return config_lib.validate(config)
 
 
@@ -135,7 +138,7 @@ def test_rung_config_is_the_resume_command():
   command = ladder.resume_command("configs/ladder_shakespeare.py", TINY[:3], overrides, "/w/runs/x")
   assert command.startswith("python -m gpt_jax.main --config=configs/ladder_shakespeare.py")
   flags = [a for a in command.split() if a.startswith("--config.")]
-  rebuilt = plan.apply_overrides(ladder_shakespeare.get_config(), [*TINY, *flags])
+  rebuilt = cli.load_config(LADDER_CONFIG, [*TINY, *flags], lock=False)
   del rebuilt["ladder"]
   assert rebuilt.to_dict() == rc.to_dict()
   assert (rc.model.num_layers, rc.model.d_model, rc.train.num_steps, rc.optim.warmup_steps) == (2, 32, 6, 1)
@@ -313,7 +316,7 @@ def test_tiny_ladder_trains_on_a_mesh_and_predicts_its_held_out_rung(tmp_path):
 
   def counted(c, w):
     calls.append(os.path.basename(w))
-    return train.run(c, w)
+    return pretrain.run(c, w)
 
   report, _ = ladder.run(config, str(tmp_path), train_fn=counted, log=lambda s: None)
   assert calls == NAMES
