@@ -120,6 +120,12 @@ def get_config() -> ml_collections.ConfigDict:
   # after warmup, from lr to lr * min_lr_ratio at train.num_steps.
   o.schedule = "cosine"
   o.min_lr_ratio = 0.1  # GPT-3 §B: cosine down to 10% of the peak.
+  # The same schedule in tokens (GPT-3 §B: warmup over 375M tokens, decay
+  # ending at 260B, then flat), which a batch-size ramp leaves intact; either
+  # > 0 switches to it and warmup_steps is then unused. decay_tokens = 0: the
+  # decay ends at train.num_steps.
+  o.warmup_tokens = 0
+  o.decay_tokens = 0
   o.b1 = 0.9
   o.b2 = 0.95  # GPT-3 §B: beta2 0.95 for stability at scale.
   o.eps = 1e-8

@@ -263,7 +263,7 @@ def build(task: Task, config, mesh) -> Program:
   """
   check_batch(config, mesh)
   tx = optim.make_optimizer(config)
-  schedule = optim.lr_schedule(config.optim, config.train.num_steps)
+  schedule = optim.schedule(config)
   abstract, shardings = state_shardings(task, tx, mesh, sharding.rules(config), config.train.seed)
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
