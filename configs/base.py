@@ -66,6 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Pad the embedding table to a multiple of this (1 = no padding). 128 makes
   # the vocab matmul tile well on TPU/GPU; logits are cut back to vocab_size.
   m.vocab_pad_multiple = 1
+  # The training loss over the tied head in chunks of this many positions
+  # (gpt_jax/loss.py): [B, T, V] float32 logits never exist at once, at the
+  # cost of computing each chunk's logits again in the backward pass (one
+  # more head matmul). 0 = the plain loss over full logits.
+  m.loss_chunk = 0
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()

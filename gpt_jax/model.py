@@ -322,6 +322,7 @@ class GPT(nn.Module):
     cache: dict | None = None,
     key_valid_BS=None,
     return_hidden: bool = False,
+    lm_head: bool = True,
   ):
     """Logits [B, T, V] in float32 for `tokens_BT` (int32 [B, T]).
 
@@ -334,6 +335,8 @@ class GPT(nn.Module):
         that no query may attend to. S = T without cache, cache slots with.
       return_hidden: also return the final hidden states [B, T, D] (after the
         final LayerNorm for pre-LN), e.g. for classification heads.
+      lm_head: False returns those hidden states instead of the logits, which
+        are then never computed (loss.chunked_cross_entropy applies the head).
     """
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -381,9 +384,12 @@ class GPT(nn.Module):
 
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)[..., : cfg.vocab_size]
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
-    out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
+    if lm_head:
+      logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)[..., : cfg.vocab_size]
+      logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+      out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
+    else:
+      out = x_BTD
     if cache is None:
       return out
     new_cache = {"k": new_kv_L[0], "v": new_kv_L[1], "end": start + T}

@@ -19,19 +19,28 @@ import jax.numpy as jnp
 import optax
 
 from gpt_jax import config as config_lib
-from gpt_jax import data, errors, eval_tasks, evaluate, model, paths, sample, sharding, train
+from gpt_jax import data, errors, eval_tasks, evaluate, loss, model, paths, sample, sharding, train
 from gpt_jax import tokenizer as tokenizer_lib
 
 
 def lm_loss_fn(model_cfg):
-  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32."""
+  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32; with
+  model.loss_chunk, over the tied head in chunks (loss.py), never [B, T, V] at once."""
   gpt = model.GPT(model_cfg)
+  m = gpt.cfg
 
   def loss_fn(params, batch, rng, deterministic):
     tokens_BT1 = batch["tokens"]
-    logits_BTV = gpt.apply(
-      {"params": params}, tokens_BT1[:, :-1], deterministic=deterministic, rngs={"dropout": rng}
-    )
+    inputs_BT, rngs = tokens_BT1[:, :-1], {"dropout": rng}
+    if m.loss_chunk:
+      h_BTD = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, lm_head=False)
+      mask_BT = batch.get("mask", jnp.ones(h_BTD.shape[:2], jnp.float32))
+      nll_sum = loss.chunked_cross_entropy(
+        h_BTD, params["wte"], tokens_BT1[:, 1:], mask_BT,
+        chunk=m.loss_chunk, vocab_size=m.vocab_size, dtype=model.DTYPES[m.dtype],
+      )  # fmt: skip
+      return nll_sum, mask_BT.sum(), {}
+    logits_BTV = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
     mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
     return (nll_BT * mask_BT).sum(), mask_BT.sum(), {}
