@@ -52,13 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
   # "xla": explicit einsum + softmax. "dot_product_attention":
   # jax.nn.dot_product_attention with the kernel JAX picks (XLA's today).
   # "cudnn": cuDNN flash attention (NVIDIA GPUs; dtype bfloat16/float16) for
-  # training and full forwards; KV-cache decoding uses the einsums. The last
-  # two have no attention dropout.
+  # training and full forwards; KV-cache decoding uses the einsums.
+  # "splash": JAX's Pallas splash-attention kernel on TPU (tpu_attention.py)
+  # for training-length forwards whose length is a multiple of 128, the same
+  # fallbacks otherwise. The last three have no attention dropout.
   m.attention_impl = "xla"
   m.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
   m.param_dtype = "float32"  # Parameters (and optimiser state) stay float32.
-  # Rematerialisation of each block: "none", "full" (recompute everything in
-  # the backward pass) or "dots_saveable" (keep matmul outputs).
+  # Rematerialisation of each block, least to most recomputed: "none";
+  # "dots_saveable" (keep the projections' and MLP's matmul outputs and the
+  # splash kernel's output, recompute the rest); "dots_offloaded" (the same,
+  # kept in host memory: TPU, for long sequences or big per-chip batches);
+  # "attention_saveable" (keep q/k/v and the splash output, recompute the
+  # attention projection and the MLP); "full" (recompute the whole block).
   m.remat = "none"
   # nn.scan over blocks: one compiled block instead of num_layers copies;
   # compile time stops growing with depth (needed for the 48-layer rung).

@@ -15,8 +15,8 @@ from gpt_jax import errors
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("dense", "local")
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
-REMATS = ("none", "full", "dots_saveable")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "splash")
+REMATS = ("none", "full", "dots_saveable", "dots_offloaded", "attention_saveable")
 KERNEL_LAYOUTS = ("in_out", "out_in")
 
 # Fields that fix the parameter shapes / layout: a workdir whose saved config

@@ -332,11 +332,7 @@ def embedding_layout(config, mesh) -> dict:
 
 def compile_plan(config, target: Target, devices=None) -> dict:
   """Compiles the train step for `target`; per-device memory, fit and compile time."""
-  if config.model.attention_impl == "cudnn" and target.platform != "cuda":
-    raise ConfigError(
-      f"config.model.attention_impl='cudnn' runs on NVIDIA GPUs only, not --target={target.spec}; "
-      "use 'xla' or 'dot_product_attention'"
-    )
+  model_lib.check_platform(config.model, target.platform, f"--target={target.spec}")
   devices = target_devices(target) if devices is None else devices
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config)

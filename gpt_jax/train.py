@@ -396,6 +396,8 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
   check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
+  platform = mesh.devices.flat[0].platform
+  model.check_platform(config.model, platform, f"this run's {platform} devices")
   axis_rules = sharding.rules(config)
   with sharding.activate(mesh, axis_rules):
     task = task_fn(config, workdir, mesh)
