@@ -176,6 +176,12 @@ def get_config() -> ml_collections.ConfigDict:
   h.data = -1
   h.fsdp = 1
   h.tensor = 1
+  # Multi-slice TPU jobs: data / fsdp / tensor above lay out one slice's chips
+  # (ICI), these the slices (data-centre network): the mesh's data axis is
+  # data x dcn_data, its fsdp axis fsdp x dcn_fsdp. One may be -1 (all
+  # remaining slices). One slice (and every CPU / GPU job): both resolve to 1.
+  h.dcn_data = -1
+  h.dcn_fsdp = 1
   # Logical axis -> mesh axes. Parameters: FSDP shards the embed dimension,
   # tensor parallelism splits heads / MLP / vocab. Activations: the batch is
   # split over data x fsdp.
