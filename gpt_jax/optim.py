@@ -23,6 +23,7 @@ def validate(config) -> None:
   errors.positive(config, "optim.lr")
   errors.non_negative(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps")
   errors.non_negative(config, "optim.warmup_tokens", "optim.decay_tokens")
+  errors.boolean(config, "optim.offload_state")
   if 0 < config.optim.decay_tokens <= config.optim.warmup_tokens:
     errors.fail("optim.decay_tokens", config.optim.decay_tokens, "must exceed optim.warmup_tokens (or be 0)")
   errors.one_of(config, "optim.schedule", SCHEDULES)

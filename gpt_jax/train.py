@@ -96,8 +96,13 @@ def _microbatches(batch, num: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1):
-  """Pure `train_step(state, batch) -> (state, metrics)`; jit it with donation."""
+def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1, opt_shardings=None):
+  """Pure `train_step(state, batch) -> (state, metrics)`; jit it with donation.
+
+  `opt_shardings` (optimiser state in host memory, `state_shardings(offload_opt=True)`):
+  the state's shardings; its moments are brought into device memory for the update
+  and written back to host memory after it.
+  """
 
   def grads_of(params, batch, rng):
     def f(p):
@@ -134,15 +139,23 @@ def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1):
     loss = loss_sum / weight
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if opt_shardings is not None:  # Host -> device, after the backward pass has freed its activations.
+      opt_state = jax.device_put(
+        opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_shardings)
+      )
+    updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     # A non-finite step changes nothing but the counters: params and
     # optimiser state (incl. its step count, hence the schedule) stay.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_opt_state = keep(new_opt_state, opt_state)
+    if opt_shardings is not None:
+      new_opt_state = jax.device_put(new_opt_state, opt_shardings)
     new_state = state.replace(
       step=state.step + 1,
       params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      opt_state=new_opt_state,
       bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1),
       skipped=state.skipped + (~ok).astype(jnp.int32),
     )
@@ -170,15 +183,20 @@ def make_eval_step(loss_fn):
 # --------------------------------------------------------------- state set-up
 
 
-def state_shardings(task: Task, tx, mesh, axis_rules, seed: int):
-  """(abstract state with shardings, state shardings) — no memory allocated."""
+def state_shardings(task: Task, tx, mesh, axis_rules, seed: int, *, offload_opt: bool = False):
+  """(abstract state with shardings, state shardings) — no memory allocated.
+
+  offload_opt: the optimiser's moments live in host memory (memory kind
+  "pinned_host"), their HBM freed between steps (optim.offload_state).
+  """
   abs_params = jax.eval_shape(task.init_params, jax.random.key(seed))
   param_sh = sharding.logical_to_shardings(task.param_specs, abs_params, mesh, axis_rules)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   rep = sharding.replicated(mesh)
   # Adam moments mirror the params, so they take the params' shardings (FSDP
   # shards the optimiser state too); counters are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: rep)
+  moment = (lambda _, s: s.with_memory_kind("pinned_host")) if offload_opt else (lambda _, s: s)
+  opt_sh = optax.tree_map_params(tx, moment, abs_opt, param_sh, transform_non_params=lambda _: rep)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(
     step=scalar,
@@ -264,10 +282,19 @@ def build(task: Task, config, mesh) -> Program:
   check_batch(config, mesh)
   tx = optim.make_optimizer(config)
   schedule = optim.schedule(config)
-  abstract, shardings = state_shardings(task, tx, mesh, sharding.rules(config), config.train.seed)
+  offload = config.optim.offload_state
+  abstract, shardings = state_shardings(
+    task, tx, mesh, sharding.rules(config), config.train.seed, offload_opt=offload
+  )
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
-    make_train_step(task.loss_fn, tx, schedule, grad_accum_steps=config.train.grad_accum_steps),
+    make_train_step(
+      task.loss_fn,
+      tx,
+      schedule,
+      grad_accum_steps=config.train.grad_accum_steps,
+      opt_shardings=shardings.opt_state if offload else None,
+    ),
     in_shardings=(shardings, batch_sh),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,

@@ -170,6 +170,30 @@ def test_resume_onto_another_mesh(debug_config, tmp_path):
   np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
 
 
+def test_offloaded_optimizer_state_trains_and_resumes_alike(debug_config, tmp_path):
+  """optim.offload_state keeps Adam's moments in host memory (pinned_host): same losses, and
+  its checkpoints restore (into host memory again)."""
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  debug_config.train.num_steps = 4
+  debug_config.mesh.update(data=2, fsdp=4, tensor=1)
+  data = _tokens(debug_config, rows=32)
+  ref = train.run(debug_config, str(tmp_path / "ref"), task_fn=_fake_task(data, 8))
+  debug_config.optim.offload_state = True
+  mesh = sharding.make_mesh(debug_config.mesh)
+  task = _fake_task(data, 8)(debug_config, "", mesh)
+  program = train.build(task, debug_config, mesh)
+  mu = program.shardings.opt_state[1][0].mu["block_0"]["mlp"]["c_fc"]["kernel"]
+  assert mu.memory_kind == "pinned_host" and mu.spec[0] == "fsdp"
+  assert program.shardings.params["wte"].memory_kind == "device"
+  debug_config.train.num_steps = 2
+  train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  debug_config.train.num_steps = 4
+  got = train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  assert got["step"] == 4
+  np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-6)
+
+
 def test_workdir_with_other_model_shape_is_refused(debug_config, tmp_path):
   debug_config.train.num_steps = 2
   debug_config.checkpoint.every_steps = 2
