@@ -1,0 +1,202 @@
+"""The planner's search: a mesh, a remat policy and a per-device batch that fit a target.
+
+Candidates, each one compile of the real train step (aot.compile_plan):
+- meshes: within a slice, fsdp x tensor over all its chips, with tensor a
+  divisor of the heads and of d_model (whole heads per device, at most 16:
+  tensor parallelism all-reduces activations every layer); across slices
+  (multi-slice targets) data parallelism, dcn_data = the slice count;
+- remat policies, least to most recomputation (REMATS; host offload of the
+  saved matmuls only on TPU);
+- sequences per device per microbatch: the divisors of the per-device batch
+  that are powers of two, and the whole of it (the global batch stays, made
+  up by gradient accumulation).
+
+Ranking: more tokens per device until `saturation_tokens` (an accelerator's
+matmuls are busy by then; a bigger batch buys little), then less
+recomputation, then less tensor parallelism, then the larger batch.
+
+What a compile proves prunes the rest: memory grows with the per-device
+batch, so each policy bisects for its largest fitting batch, starting where
+saturation is reached (the only batch a later candidate needs to beat); a
+stronger policy starts from the batch a weaker one fitted; and once a plan
+saturates, later meshes try only policies that recompute less. A failed
+compile (out of HBM) is fast on TPU, a fitting one slow, and the search
+compiles at most a few plans that fit. The persistent compilation cache
+(targets.enable_cache) keeps a repeated search from compiling again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+from gpt_jax import aot, sharding, targets
+from gpt_jax import config as config_lib
+from gpt_jax.errors import UserError
+from gpt_jax.targets import Target
+
+# Least to most recomputation. dots_offloaded recomputes what dots_saveable does, keeping the
+# saved values in host memory (slower than HBM): after it, before the policies that recompute more.
+REMATS = ("none", "dots_saveable", "dots_offloaded", "attention_saveable", "full")
+MAX_TENSOR = 16
+
+
+def mesh_candidates(config, target: Target) -> list[dict]:
+  """config.mesh settings to try, least tensor parallelism first."""
+  m = config.model
+  per_slice = target.num_devices // target.num_slices
+  out = []
+  for tensor in (t for t in range(1, min(per_slice, MAX_TENSOR) + 1) if per_slice % t == 0):
+    if m.num_heads % tensor or m.d_model % tensor:
+      continue
+    out.append({"data": 1, "fsdp": per_slice // tensor, "tensor": tensor, "dcn_data": -1, "dcn_fsdp": 1})
+  return out
+
+
+def remats(target: Target) -> tuple[str, ...]:
+  return REMATS if target.platform == "tpu" else tuple(r for r in REMATS if r != "dots_offloaded")
+
+
+def _with(config, mesh: dict | None, remat: str, seqs_per_device: int, dp: int):
+  """config with this mesh, remat policy and microbatch (global batch kept, via accumulation)."""
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    if mesh is not None:
+      cfg.mesh.update(mesh)
+    cfg.model.remat = remat
+    cfg.train.grad_accum_steps = cfg.train.batch_size // (seqs_per_device * dp)
+  return cfg
+
+
+def _dp(mesh: dict, target: Target) -> int:
+  return mesh["data"] * mesh["fsdp"] * target.num_slices
+
+
+def batch_sizes(batch_size: int, dp: int) -> list[int]:
+  """Sequences per device per microbatch to try: powers of two dividing the per-device batch,
+  then the whole of it (no accumulation)."""
+  per_device = batch_size // dp
+  sizes = [b for b in (2**i for i in range(per_device.bit_length())) if per_device % b == 0]
+  return sizes + ([per_device] if per_device not in sizes else [])
+
+
+def score(r: dict, seq_len: int, saturation_tokens: int) -> tuple:
+  tokens = r["sequences_per_device"] * seq_len
+  return (min(tokens, saturation_tokens), -REMATS.index(r["remat"]), -r["mesh"]["tensor"], tokens)
+
+
+def best_setting(trials: list[dict], seq_len: int, saturation_tokens: int) -> dict | None:
+  """The fitting trial with the most tokens per device up to saturation, then the least
+  recompute, then the least tensor parallelism, then the most tokens; None if nothing fits."""
+  fitting = [r for r in trials if r["fits"]]
+  return max(fitting, key=lambda r: score(r, seq_len, saturation_tokens)) if fitting else None
+
+
+@dataclasses.dataclass
+class _Progress:
+  """One line per compile, with the time so far and an estimate of what is left."""
+
+  log: object
+  budget: int  # Compiles the search may still need at most.
+  done: int = 0
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def line(self, text: str) -> None:
+    self.done += 1
+    self.budget = max(self.budget - 1, 0)
+    took = time.perf_counter() - self.started
+    eta = took / self.done * self.budget
+    self.log(f"  [{self.done}] {text} | {_minutes(took)} so far, at most ~{_minutes(eta)} left")
+
+
+def _minutes(seconds: float) -> str:
+  m, s = divmod(round(seconds), 60)
+  return f"{m} min {s} s" if m else f"{s} s"
+
+
+def suggest(
+  config, target: Target, *, saturation_tokens: int = 4096, search_mesh: bool = True, log=print
+) -> dict:
+  """Searches mesh x remat policy x sequences per device; the fastest-looking setting that fits."""
+  devices = targets.target_devices(target)
+  seq = config_lib.seq_len(config)
+  if search_mesh:
+    meshes = mesh_candidates(config, target)
+    if not meshes:
+      raise UserError(
+        f"no fsdp x tensor split of {target.num_devices // target.num_slices} devices divides "
+        f"model.num_heads={config.model.num_heads} and model.d_model={config.model.d_model}"
+      )
+  else:
+    shape = sharding.make_mesh(config.mesh, devices).shape
+    meshes = [None]
+    fixed_dp = int(shape["data"] * shape["fsdp"])
+  policies = remats(target)
+  plans = []
+  for mesh in meshes:
+    dp = _dp(mesh, target) if mesh is not None else fixed_dp
+    if config.train.batch_size % dp:
+      log(f"  skipped {_mesh_text(mesh)}: train.batch_size={config.train.batch_size} is no multiple of {dp}")
+      continue
+    sizes = batch_sizes(config.train.batch_size, dp)
+    sat = next((i for i, b in enumerate(sizes) if b * seq >= saturation_tokens), len(sizes) - 1)
+    plans.append((mesh, dp, sizes, sat))
+  if not plans:
+    raise UserError(
+      f"train.batch_size={config.train.batch_size} splits over none of the meshes tried on {target.spec}"
+    )
+  # At most one compile per policy at the saturating batch plus a bisection below it, per mesh.
+  bounds = [len(policies) * (1 + (sat + 1).bit_length()) for _, _, _, sat in plans]
+  progress = _Progress(log, sum(bounds))
+  trials: list[dict] = []
+  for i, (mesh, dp, sizes, sat) in enumerate(plans):
+    lo = -1  # Index of the largest batch a weaker policy fitted on this mesh.
+    for remat in policies:
+      best = best_setting(trials, seq, saturation_tokens)
+      tensor = (mesh or config.mesh)["tensor"]
+      reach = min(sizes[sat] * seq, saturation_tokens)
+      ceiling = (reach, -REMATS.index(remat), -tensor)
+      if best is not None and score(best, seq, saturation_tokens)[:3] >= ceiling:
+        continue  # Even this policy's best case on this mesh cannot beat the plan found.
+      fitted = _bisect(config, target, devices, mesh, remat, dp, sizes, lo, sat, trials, progress)
+      lo = max(lo, fitted)
+      if fitted == sat:
+        break  # Saturated: every later policy recomputes more for the same tokens.
+    progress.budget = sum(bounds[i + 1 :])
+  best = best_setting(trials, seq, saturation_tokens)
+  seconds = time.perf_counter() - progress.started
+  return {"trials": trials, "best": best, "saturation_tokens": saturation_tokens, "seconds": seconds}
+
+
+def _bisect(config, target, devices, mesh, remat, dp, sizes, lo, hi_start, trials, progress) -> int:
+  """The index of the largest batch in sizes[: hi_start + 1] that fits with `remat`, compiling
+  hi_start first, then bisecting down to `lo` (assumed to fit); -1 if none does."""
+  hi = hi_start + 1
+  probe = hi_start
+  while lo < probe < hi:
+    cfg = _with(config, mesh, remat, sizes[probe], dp)
+    r = aot.compile_plan(cfg, target, devices)
+    trials.append(r)
+    progress.line(
+      f"{_mesh_text(mesh)} remat={remat:<18} {sizes[probe]:>4} seq/device: {_needs(r)} "
+      f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f} s)"
+    )
+    if r["fits"]:
+      lo = probe
+    else:
+      hi = probe
+    probe = (lo + hi) // 2
+  return lo
+
+
+def _mesh_text(mesh: dict | None) -> str:
+  if mesh is None:
+    return "the config's mesh"
+  return f"fsdp={mesh['fsdp']:<4} x tensor={mesh['tensor']:<3}"
+
+
+def _needs(r: dict) -> str:
+  if "needed_bytes" not in r:
+    return "?"
+  return f"needs {r['needed_bytes'] / 2**30:.2f} GiB"
