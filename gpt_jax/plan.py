@@ -296,7 +296,9 @@ def main(argv) -> None:
     return
   target = parse_target(F.target, F.num_slices)
   if F.suggest:
-    result = suggest.suggest(config, target, search_mesh=F.search_mesh, log=log)
+    result = suggest.suggest(
+      config, target, saturation_tokens=F.saturation_tokens, search_mesh=F.search_mesh, log=log
+    )
     best = result["best"]
     if best is not None:
       result["flags"] = suggested_flags(best)
@@ -329,6 +331,9 @@ if __name__ == "__main__":
   )
   flags.DEFINE_integer("num_slices", 1, "TPU slices of --target joined by the data-centre network.")
   flags.DEFINE_bool("suggest", False, "Search mesh x remat x per-device batch; print the best that fits.")
+  flags.DEFINE_integer(
+    "saturation_tokens", 4096, "--suggest: tokens per device per microbatch that keep the chip busy."
+  )
   flags.DEFINE_bool("search_mesh", True, "--suggest also searches fsdp x tensor (else the config's mesh).")
   flags.DEFINE_bool("ladder", False, "Plan every rung of --family on --target with the --config.* overrides.")
   flags.DEFINE_string("family", "gpt2", f"--ladder's rungs: {', '.join(FAMILIES)} (configs/<rung>.py).")

@@ -15,14 +15,16 @@ Ranking: more tokens per device until `saturation_tokens` (an accelerator's
 matmuls are busy by then; a bigger batch buys little), then less
 recomputation, then less tensor parallelism, then the larger batch.
 
-What a compile proves prunes the rest: memory grows with the per-device
-batch, so each policy bisects for its largest fitting batch, starting where
-saturation is reached (the only batch a later candidate needs to beat); a
-stronger policy starts from the batch a weaker one fitted; and once a plan
-saturates, later meshes try only policies that recompute less. A failed
-compile (out of HBM) is fast on TPU, a fitting one slow, and the search
-compiles at most a few plans that fit. The persistent compilation cache
-(targets.enable_cache) keeps a repeated search from compiling again.
+What a compile proves prunes the rest. A fitting TPU compile is slow (minutes
+for a billion-parameter model), a failing one fast (the compiler stops at its
+HBM check), so each mesh first tries the saturating batch under each policy,
+least recomputation first, and stops at the first that fits; only if none
+does, it bisects the smaller batches with the policy that saves the most
+memory and tries the others at the batch found (memory is taken to grow with
+the batch and to fall with recomputation). A policy or mesh that cannot beat
+the plan found on (tokens, recomputation, tensor) is not compiled. The
+persistent compilation cache (targets.enable_cache) keeps a repeated search
+from compiling again.
 """
 
 from __future__ import annotations
@@ -146,48 +148,61 @@ def suggest(
     raise UserError(
       f"train.batch_size={config.train.batch_size} splits over none of the meshes tried on {target.spec}"
     )
-  # At most one compile per policy at the saturating batch plus a bisection below it, per mesh.
-  bounds = [len(policies) * (1 + (sat + 1).bit_length()) for _, _, _, sat in plans]
+  # Per mesh at most: every policy at the saturating batch, a bisection below it, every policy again.
+  bounds = [2 * len(policies) + (sat + 1).bit_length() for _, _, _, sat in plans]
   progress = _Progress(log, sum(bounds))
   trials: list[dict] = []
   for i, (mesh, dp, sizes, sat) in enumerate(plans):
-    lo = -1  # Index of the largest batch a weaker policy fitted on this mesh.
-    for remat in policies:
-      best = best_setting(trials, seq, saturation_tokens)
-      tensor = (mesh or config.mesh)["tensor"]
-      reach = min(sizes[sat] * seq, saturation_tokens)
-      ceiling = (reach, -REMATS.index(remat), -tensor)
-      if best is not None and score(best, seq, saturation_tokens)[:3] >= ceiling:
-        continue  # Even this policy's best case on this mesh cannot beat the plan found.
-      fitted = _bisect(config, target, devices, mesh, remat, dp, sizes, lo, sat, trials, progress)
-      lo = max(lo, fitted)
-      if fitted == sat:
-        break  # Saturated: every later policy recomputes more for the same tokens.
+    _search_mesh(config, target, devices, mesh, dp, sizes, sat, policies, trials, progress, saturation_tokens)
     progress.budget = sum(bounds[i + 1 :])
   best = best_setting(trials, seq, saturation_tokens)
   seconds = time.perf_counter() - progress.started
   return {"trials": trials, "best": best, "saturation_tokens": saturation_tokens, "seconds": seconds}
 
 
-def _bisect(config, target, devices, mesh, remat, dp, sizes, lo, hi_start, trials, progress) -> int:
-  """The index of the largest batch in sizes[: hi_start + 1] that fits with `remat`, compiling
-  hi_start first, then bisecting down to `lo` (assumed to fit); -1 if none does."""
-  hi = hi_start + 1
-  probe = hi_start
-  while lo < probe < hi:
-    cfg = _with(config, mesh, remat, sizes[probe], dp)
-    r = aot.compile_plan(cfg, target, devices)
+def _search_mesh(config, target, devices, mesh, dp, sizes, sat, policies, trials, progress, saturation):
+  """The best (batch, policy) on one mesh, in few compiles that fit (a fitting TPU compile is
+  slow, a failing one fast, as the compiler stops at its HBM check).
+
+  1. The saturating batch under each policy, least recompute first: the first that fits is
+     this mesh's best (nothing recomputes less at as many tokens).
+  2. If none fits there: bisect the batches below with the policy saving the most memory (the
+     last), then, at the largest batch it fits, the other policies, least recompute first.
+  Policies a plan already found beats on (tokens, recompute, tensor) are not compiled.
+  """
+  seq = config_lib.seq_len(config)
+  tensor = (mesh or config.mesh)["tensor"]
+
+  def worth(remat: str, index: int) -> bool:
+    best = best_setting(trials, seq, saturation)
+    ceiling = (min(sizes[index] * seq, saturation), -REMATS.index(remat), -tensor)
+    return best is None or score(best, seq, saturation)[:3] < ceiling
+
+  def fits(remat: str, index: int) -> bool:
+    r = aot.compile_plan(_with(config, mesh, remat, sizes[index], dp), target, devices)
     trials.append(r)
     progress.line(
-      f"{_mesh_text(mesh)} remat={remat:<18} {sizes[probe]:>4} seq/device: {_needs(r)} "
+      f"{_mesh_text(mesh)} remat={remat:<18} {sizes[index]:>4} seq/device: {_needs(r)} "
       f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f} s)"
     )
-    if r["fits"]:
-      lo = probe
+    return r["fits"]
+
+  for remat in policies:
+    if worth(remat, sat) and fits(remat, sat):
+      return
+  strongest = policies[-1]
+  lo, hi = -1, sat  # sizes[hi] does not fit with any policy; sizes[lo] fits with the strongest.
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if fits(strongest, mid):
+      lo = mid
     else:
-      hi = probe
-    probe = (lo + hi) // 2
-  return lo
+      hi = mid
+  if lo < 0:
+    return
+  for remat in policies[:-1]:
+    if worth(remat, lo) and fits(remat, lo):
+      return
 
 
 def _mesh_text(mesh: dict | None) -> str:

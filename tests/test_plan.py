@@ -227,23 +227,31 @@ def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch):
   result = suggest.suggest(config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, log=lines.append)
   # heads 4 and d_model 32 on 8 devices: fsdp 8, fsdp 4 x tensor 2, fsdp 2 x tensor 4.
   assert [m["tensor"] for m in suggest.mesh_candidates(config, plan.parse_target("cpu:8"))] == [1, 2, 4]
-  assert calls[:5] == [
-    (1, "none", 8, 4), (1, "none", 2, 16), (1, "none", 4, 8),  # Saturation first (44 > 16), then bisect.
-    (1, "dots_saveable", 8, 4), (1, "dots_saveable", 4, 8),  # Starts above the 2 that "none" fitted.
-  ]  # fmt: skip
-  # attention_saveable saturates (8 x 32 tokens at 12 bytes); full remat is never compiled on that mesh.
-  assert calls[5] == (1, "attention_saveable", 8, 4)
-  assert not [c for c in calls if c[1] == "full"]
-  # Tensor parallelism splits the bytes per sequence: on fsdp 4 x tensor 2, "none" bisects from
-  # where its saturating 8 (24 bytes) fails, dots_saveable saturates (12); on fsdp 2 x tensor 4
-  # "none" saturates (14) at once and wins (no recompute beats less tensor parallelism).
-  assert calls[6:] == [
-    (2, "none", 8, 8), (2, "none", 2, 32), (2, "none", 4, 16), (2, "dots_saveable", 8, 8), (4, "none", 8, 16),
+  # Saturation (8 sequences of 32 tokens) under each policy, least recompute first: on fsdp 8
+  # attention_saveable is the first to fit (12 <= 16); full remat is never compiled. Tensor
+  # parallelism splits the bytes per sequence: on fsdp 4 x tensor 2 dots_saveable fits (12), on
+  # fsdp 2 x tensor 4 "none" does (14) and wins (no recompute beats less tensor parallelism).
+  assert calls == [
+    (1, "none", 8, 4), (1, "dots_saveable", 8, 4), (1, "attention_saveable", 8, 4),
+    (2, "none", 8, 8), (2, "dots_saveable", 8, 8),
+    (4, "none", 8, 16),
   ]  # fmt: skip
   best = result["best"]
   assert (best["mesh"]["tensor"], best["remat"], best["sequences_per_device"]) == (4, "none", 8)
   assert best == suggest.best_setting(result["trials"], 32, 8 * 32)
-  # 11 compiles instead of every mesh x policy x batch (3 x 4 x 6 = 72).
+
+  # Nothing fits at saturation: bisect below it with full remat, then the lighter policies there.
+  calls.clear()
+  per_seq.update(full=1.6, attention_saveable=1.8)
+  result = suggest.suggest(
+    config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, search_mesh=False, log=lines.append
+  )
+  assert calls == [
+    (1, "none", 8, 4), (1, "dots_saveable", 8, 4), (1, "attention_saveable", 8, 4), (1, "full", 8, 4),
+    (1, "full", 2, 16), (1, "full", 4, 8),  # 4 + 1.6 x 4 fits; 8 did not.
+    (1, "none", 4, 8), (1, "dots_saveable", 4, 8),  # 24 does not fit, 12 does.
+  ]  # fmt: skip
+  assert (result["best"]["remat"], result["best"]["sequences_per_device"]) == ("dots_saveable", 4)
   assert all("so far" in line and "left" in line for line in lines if line.startswith("  ["))
 
   # A global batch that no mesh's data-parallel devices split is named as such (nothing compiles).
