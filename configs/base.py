@@ -116,6 +116,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Gradient accumulation: the global batch is split into this many
   # microbatches inside the jitted step (same update, less activation memory).
   t.grad_accum_steps = 1
+  # GPT-3 §B's batch ramp: the batch grows linearly from batch_ramp_start
+  # sequences (GPT-3: 32k tokens = 16 x 2048) to train.batch_size over the
+  # first batch_ramp_tokens tokens (GPT-3: 4-12B by model size); 0 = off.
+  # ramp.py cuts it into at most ramp.STAGES + 1 = 9 constant batches (9 step
+  # shapes to compile), each a multiple of data x fsdp x grad_accum_steps (and
+  # the process count). Needs the schedule in tokens (optim.warmup_tokens /
+  # decay_tokens); train.num_steps still counts steps.
+  t.batch_ramp_start = 0
+  t.batch_ramp_tokens = 0
   t.seed = 0
   # A step with a non-finite loss or gradient is skipped; this many in a row
   # stops the run with its last good checkpoint intact.

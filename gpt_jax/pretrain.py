@@ -78,11 +78,13 @@ def _task(config, train_iter=None, eval_batches=(), meta=None, extra_eval=None, 
 
 def pretrain_task(config, workdir: str, mesh) -> train.Task:
   """Language-model pretraining on config.data with the run's tokenizer."""
-  del mesh  # Batches are assembled onto the mesh by train.run.
   check_run_inputs(config)
   tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
   pi, pc = jax.process_index(), jax.process_count()
-  train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
+  # A batch ramp reads the stream in units of train.ramp_unit sequences (train.batch_size without one).
+  unit = train.ramp_unit(config, mesh)
+  iter_config = config if unit == config.train.batch_size else _with_batch_size(config, unit)
+  train_iter = data.make_train_iterator(iter_config, tok, workdir, process_index=pi, process_count=pc)
   eval_bs = config.eval.batch_size or config.train.batch_size
   eval_batches = data.make_eval_batches(
     config,
@@ -134,6 +136,13 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
 
   task = _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
   return dataclasses.replace(task, next_steps=next_steps(config, workdir))
+
+
+def _with_batch_size(config, batch_size: int):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.batch_size = batch_size
+  return config
 
 
 def next_steps(config, workdir: str) -> tuple[str, ...]:
