@@ -307,6 +307,10 @@ def test_ladder_applies_the_overrides_to_every_rung(monkeypatch):
   table = plan.format_ladder(rows).splitlines()
   assert table[2].startswith("debug") and table[3].startswith("gpt2_small") and "124M" in table[3]
   assert "1 x 8 x 1" in table[3] and "left 10 B" in table[3]
+  # Every rung of every family is a config file; the GPT-3 family in Table 2.1's order.
+  for family, rungs in plan.FAMILIES.items():
+    assert all((ROOT / "configs" / f"{r}.py").is_file() for r in rungs), family
+  assert plan.FAMILIES["gpt3"][-1] == "gpt3_175b"
 
 
 def test_cli_makes_the_fake_cpu_devices_its_target_names():
@@ -398,6 +402,26 @@ def test_tpu_compile_only_plan_and_its_hard_memory_check():
   r = _run_plan("--config=configs/debug.py", "--target=tpu:v5e:2x2", big, "--nocross_check", "--check")
   assert r.returncode == 3, r.stderr[-3000:]
   assert "DOES NOT FIT" in r.stdout and "ran out of HBM" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not HAS_LIBTPU, reason="libtpu not installed (pip install libtpu, or set TPU_LIBRARY_PATH)"
+)
+def test_tpu_multi_slice_plan_has_data_across_slices_and_a_roofline():
+  args = ["--config=configs/debug.py", "--target=tpu:v5litepod-8x2", "--json", "--nocross_check"]
+  args += ["--config.train.batch_size=32", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--cache_dir=none"]
+  r = _run_plan(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "could not determine TPU accelerator type" not in r.stderr
+  p = json.loads(r.stdout)
+  assert p["devices"] == 16 and p["fits"]
+  assert p["mesh"] == {"data": 2, "fsdp": 8, "tensor": 1, "slices": 2, "dcn_data": 2, "dcn_fsdp": 1}
+  roof = p["roofline"]
+  # The gradients cross the slices once a step (megascale transfers), FSDP's gathers stay on ICI.
+  assert roof["collectives"]["dcn"]["count"] > 0 and roof["collectives"]["all-gather"]["count"] > 0
+  assert roof["dcn_bytes_per_chip"] > 0 and roof["ici_bytes_per_chip"] > 0
+  assert 0 < roof["mfu_bound"] < 1 and roof["step_seconds"] == max(roof["seconds"].values())
 
 
 @pytest.mark.slow
