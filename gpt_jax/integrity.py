@@ -44,6 +44,10 @@ class CorruptCheckpoint(UserError):
   """A checkpoint whose bytes are not what was saved (restore fell back or was refused)."""
 
 
+class NonFiniteState(UserError):
+  """A state holding NaN or inf: never written (the run stops, the last good checkpoint stays)."""
+
+
 # ------------------------------------------------------------- checksums
 
 
@@ -176,6 +180,17 @@ def seal(meta: dict, sums: dict[str, str], **extra) -> dict:
   out = {**meta, META_KEY: {"format": FORMAT, "arrays": sums, **extra}}
   out[DIGEST_KEY] = json_digest(out)
   return out
+
+
+def sealed_meta(state, meta: dict, where: str, **extra) -> dict:
+  """The meta item for a save of `state`, or NonFiniteState (one pass over the state for both)."""
+  sums, bad = save_digest(state)
+  if bad:
+    raise NonFiniteState(
+      f"state of {where} not saved: {len(bad)} arrays hold NaN or inf (first: {bad[0]}); "
+      "the last good checkpoint is kept"
+    )
+  return seal(meta, sums, **extra)
 
 
 def unseal(meta: dict, where: str) -> tuple[dict, dict | None]:
@@ -352,11 +367,13 @@ def restore_error_line(exc: BaseException) -> str:
       break
   text = re.sub(r" \[tensorstore_spec.*", "", text)
   files = re.findall(r'local file "([^"]+)"', text)
-  # TensorStore's status ("OUT_OF_RANGE: Error opening ...: ...: Requested byte range ...
-  # is not valid"): its code and its last, most specific clause.
-  m = re.match(r"([A-Z_]+): .*: ([^:]+)$", text)
+  # TensorStore's status: "CODE: Error opening ...: Error reading ...: what went wrong"; keep the
+  # code and the clauses after the last of those frames.
+  m = re.match(r"([A-Z_]+): (.*)$", text)
   if m:
-    text = f"{m.group(1)}: {m.group(2).strip()}"
+    clauses = m.group(2).split(": ")
+    frames = [i for i, c in enumerate(clauses) if re.match(r"Error (opening|reading|decoding|writing) ", c)]
+    text = f"{m.group(1)}: {': '.join(clauses[frames[-1] + 1 :] if frames else clauses)}"
   where = [f"array {array}"] if array else []
   if files:
     where.append("file " + "/".join(files[-1].rstrip("/").split("/")[-3:]))
