@@ -88,16 +88,6 @@ def _leaf_finite(x):
 
 
 @jax.jit
-def _sums(leaves):
-  return jnp.stack([_leaf_checksum(x) for x in leaves])
-
-
-@jax.jit
-def _finite(leaves):
-  return jnp.stack([_leaf_finite(x) for x in leaves])
-
-
-@jax.jit
 def _sums_and_finite(leaves):
   return jnp.stack([_leaf_checksum(x) for x in leaves]), jnp.stack([_leaf_finite(x) for x in leaves])
 
@@ -120,21 +110,25 @@ def leaf_paths(tree) -> list[str]:
   ]
 
 
-def checksums(tree) -> dict[str, str]:
-  """{leaf path: 8 hex digits}, computed on the leaves' devices in one jitted call."""
+def digest(tree) -> tuple[dict[str, str], list[str]]:
+  """({leaf path: checksum as 8 hex digits}, paths of floating-point leaves holding NaN or inf).
+
+  One jitted call on the leaves' devices; every process gets the same answer.
+  """
   leaves = jax.tree.leaves(tree)
   if not leaves:
-    return {}
-  return dict(zip(leaf_paths(tree), (f"{int(v):08x}" for v in _host(_sums(leaves)))))
+    return {}, []
+  sums, finite = (_host(a) for a in _sums_and_finite(leaves))
+  paths = leaf_paths(tree)
+  return dict(zip(paths, (f"{int(v):08x}" for v in sums))), [p for p, ok in zip(paths, finite) if not ok]
+
+
+def checksums(tree) -> dict[str, str]:
+  return digest(tree)[0]
 
 
 def nonfinite_leaves(tree) -> list[str]:
-  """Paths of the floating-point leaves holding a NaN or an infinity (one jitted reduction)."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return []
-  ok = _host(_finite(leaves))
-  return [p for p, good in zip(leaf_paths(tree), ok) if not good]
+  return digest(tree)[1]
 
 
 def all_finite(tree) -> jax.Array:
@@ -142,33 +136,11 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([_leaf_finite(x) for x in jax.tree.leaves(tree)]))
 
 
-def save_digest(tree) -> tuple[dict[str, str], list[str]]:
-  """(checksums, non-finite leaf paths) in one pass over the state, for the guard before a save."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return {}, []
-  sums, ok = _sums_and_finite(leaves)
-  paths = leaf_paths(tree)
-  sums, ok = _host(sums), _host(ok)
-  return dict(zip(paths, (f"{int(v):08x}" for v in sums))), [p for p, g in zip(paths, ok) if not g]
-
-
-def first_mismatch(tree, stored: dict[str, str], prefix: str = "") -> tuple[str, str, str] | None:
-  """(path, stored, restored) of the first leaf whose checksum differs, or None.
-
-  `prefix` names the subtree restored ("params" for a params-only restore of
-  a training state); a leaf with no stored checksum is a mismatch too.
-  """
-  got = checksums(tree)
-  for path, value in got.items():
-    key = f"{prefix}/{path}" if prefix else path
-    want = stored.get(key)
-    if want != value:
-      return key, want or "none", value
-  return None
-
-
 # ---------------------------------------------------- the sealed meta item
+
+
+def _at(where: str, text: str) -> str:
+  return f"{where}: {text}" if where else text
 
 
 def json_digest(obj) -> str:
@@ -184,7 +156,7 @@ def seal(meta: dict, sums: dict[str, str], **extra) -> dict:
 
 def sealed_meta(state, meta: dict, where: str, **extra) -> dict:
   """The meta item for a save of `state`, or NonFiniteState (one pass over the state for both)."""
-  sums, bad = save_digest(state)
+  sums, bad = digest(state)
   if bad:
     raise NonFiniteState(
       f"state of {where} not saved: {len(bad)} arrays hold NaN or inf (first: {bad[0]}); "
@@ -193,27 +165,36 @@ def sealed_meta(state, meta: dict, where: str, **extra) -> dict:
   return seal(meta, sums, **extra)
 
 
-def unseal(meta: dict, where: str) -> tuple[dict, dict | None]:
+def unseal(meta: dict, where: str = "") -> tuple[dict, dict | None]:
   """(meta without the integrity keys, the checksums record or None for a checkpoint written before them)."""
   if META_KEY not in meta and DIGEST_KEY not in meta:
     return meta, None
   body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
   if meta.get(DIGEST_KEY) != json_digest(body) or not isinstance(meta.get(META_KEY), dict):
-    raise CorruptCheckpoint(f"{where}: its meta item does not match its digest")
+    raise CorruptCheckpoint(_at(where, "its meta item does not match its digest"))
   record = body.pop(META_KEY)
   if record.get("format") != FORMAT:
-    raise CorruptCheckpoint(f"{where}: checksum format {record.get('format')!r}, this code reads {FORMAT}")
+    raise CorruptCheckpoint(_at(where, f"checksum format {record.get('format')!r}; this code reads {FORMAT}"))
   return body, record
 
 
-def verify(tree, record: dict | None, where: str, prefix: str = "") -> None:
-  """Raises CorruptCheckpoint naming `where` and the first array that differs (record None: no check)."""
-  if record is None:
-    return
-  bad = first_mismatch(tree, record["arrays"], prefix)
-  if bad is not None:
-    path, want, got = bad
-    raise CorruptCheckpoint(f"{where}: array {path} does not match its checksum (saved {want}, read {got})")
+def verify(tree, record: dict | None, where: str = "", prefix: str = "") -> None:
+  """Raises CorruptCheckpoint naming the first array that differs from its checksum or is not finite.
+
+  `record` None (a checkpoint written before checksums): only finiteness is
+  checked. `prefix` names the subtree restored ("params" for a params-only
+  restore of a training state); a leaf with no stored checksum is a mismatch.
+  """
+  sums, nonfinite = digest(tree)
+  for path, got in sums.items() if record is not None else ():
+    key = f"{prefix}/{path}" if prefix else path
+    want = record["arrays"].get(key, "none")
+    if want != got:
+      raise CorruptCheckpoint(
+        _at(where, f"array {key} does not match its checksum (saved {want}, read {got})")
+      )
+  if nonfinite:
+    raise CorruptCheckpoint(_at(where, f"array {nonfinite[0]} holds NaN or inf"))
 
 
 # ----------------------------------------------------------- quiet restores
@@ -255,19 +236,16 @@ def _unraisablehook(unraisable) -> None:
   _previous_unraisablehook(unraisable)
 
 
-def _from_orbax(record) -> bool:
-  return re.search(r"[/\\]orbax[/\\]", record.pathname or "") is not None
+class _OrbaxFilter(py_logging.Filter):
+  """Orbax's records: from WARNING up unless `keep_info`; none while a restore is `silent`."""
 
-
-class _OrbaxInfoFilter(py_logging.Filter):
-  """Drops Orbax's records below WARNING (all of them while `silent`)."""
-
+  keep_info = True
   silent = 0
 
   def filter(self, record) -> bool:
-    if not _from_orbax(record):
+    if not _LIBRARY_FILE.search(record.pathname or ""):
       return True
-    return not self.silent and record.levelno >= py_logging.WARNING
+    return not self.silent and (self.keep_info or record.levelno >= py_logging.WARNING)
 
 
 def _raised_in_orbax(exc) -> bool:
@@ -290,21 +268,28 @@ class _AsyncioFilter(py_logging.Filter):
     return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
 
 
-_orbax_filter = _OrbaxInfoFilter()
+_orbax_filter = _OrbaxFilter()
 _asyncio_filter = _AsyncioFilter()
 
 
-def quiet_orbax_logs(keep_info: bool = False) -> None:
-  """Keeps Orbax's per-call INFO lines out (inference tools; training unless --verbosity asks).
+def _install_orbax_filter() -> None:
+  # Orbax logs through absl's Python logger "absl": a filter there holds for
+  # every handler (absl's stderr handler, pytest's capture, a log file).
+  logger = py_logging.getLogger("absl")
+  if _orbax_filter not in logger.filters:
+    logger.addFilter(_orbax_filter)
 
-  Orbax logs through absl's Python logger "absl": a filter there holds for
-  every handler (absl's stderr handler, pytest's capture, a log file).
-  """
-  absl_logger = py_logging.getLogger("absl")
-  if keep_info:
-    absl_logger.removeFilter(_orbax_filter)
-  elif _orbax_filter not in absl_logger.filters:
-    absl_logger.addFilter(_orbax_filter)
+
+def verbosity_requested() -> bool:
+  from absl import flags
+
+  return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present > 0
+
+
+def quiet_orbax_logs(keep_info: bool | None = None) -> None:
+  """Keeps Orbax's per-call INFO lines out: inference tools, and training unless --verbosity is given."""
+  _install_orbax_filter()
+  _orbax_filter.keep_info = verbosity_requested() if keep_info is None else keep_info
 
 
 def install_restore_noise_filters() -> None:
@@ -323,17 +308,12 @@ def install_restore_noise_filters() -> None:
 def quiet_restore():
   """Around a restore: no Orbax log lines at all (the caller reports the outcome in one line)."""
   install_restore_noise_filters()
-  absl_logger = py_logging.getLogger("absl")
-  added = _orbax_filter not in absl_logger.filters
-  if added:
-    absl_logger.addFilter(_orbax_filter)
-  _OrbaxInfoFilter.silent += 1
+  _install_orbax_filter()
+  _orbax_filter.silent += 1
   try:
     yield
   finally:
-    _OrbaxInfoFilter.silent -= 1
-    if added:
-      absl_logger.removeFilter(_orbax_filter)
+    _orbax_filter.silent -= 1
 
 
 _ARRAY_IN_MESSAGE = (

@@ -255,9 +255,13 @@ def test_flips_are_detected_never_restored_as_other_values(saved, tmp_path, targ
   assert _same(got, state) and meta == {"tokenizer": "abc"}
 
 
-def test_checkpoint_without_checksums_restores_unverified(saved, tmp_path):
+def test_checkpoint_without_checksums_is_checked_for_finiteness_only():
   record = integrity.unseal({"tokenizer": "abc"}, "old")
   assert record == ({"tokenizer": "abc"}, None)
+  integrity.verify({"w": np.ones(3, np.float32)}, None, "old")
+  # A NaN state saved before the guard existed is not resumed from.
+  with pytest.raises(integrity.CorruptCheckpoint, match="old: array w holds NaN or inf"):
+    integrity.verify({"w": np.array([1.0, np.inf], np.float32)}, None, "old")
   sealed = integrity.seal({"tokenizer": "abc"}, {"a": "00000001"})
   del sealed[integrity.DIGEST_KEY]  # A flip in the key's name: not mistaken for an old checkpoint.
   with pytest.raises(integrity.CorruptCheckpoint, match="meta item"):
