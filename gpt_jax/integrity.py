@@ -149,7 +149,8 @@ def json_digest(obj) -> str:
 
 def seal(meta: dict, sums: dict[str, str], **extra) -> dict:
   """The meta item to save: `meta` + the checksums (+ `extra`), sealed by a digest of the whole."""
-  out = {**meta, META_KEY: {"format": FORMAT, "arrays": sums, **extra}}
+  out = {k: v for k, v in meta.items() if k not in (META_KEY, DIGEST_KEY)}  # Sealing twice: as once.
+  out[META_KEY] = {"format": FORMAT, "arrays": sums, **extra}
   out[DIGEST_KEY] = json_digest(out)
   return out
 

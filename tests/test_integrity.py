@@ -197,13 +197,24 @@ def _copy(saved, tmp_path) -> Path:
 
 def test_issue_repro_flip_in_the_largest_array_file_is_caught_by_the_checksum(saved, tmp_path):
   config, abstract, state, _ = saved
-  workdir = _copy(saved, tmp_path)
-  files = sorted(
-    (workdir / "checkpoints/1/state/ocdbt.process_0/d").iterdir(), key=lambda p: p.stat().st_size
-  )
-  _flip(files[-1], 0.25)
-  got, _ = _restore(workdir, config, abstract, verify=False)
-  assert not _same(got, state)  # Orbax alone returns other values and says nothing.
+  # OCDBT packs chunks into its data files in the order the writes finish, so where a
+  # quarter into the largest file lands varies: take the first place from there on where
+  # Orbax alone returns other values without a word (most places in a chunk's payload).
+  for at in (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
+    workdir = tmp_path / f"at{at}"
+    shutil.copytree(saved[3], workdir)
+    files = sorted(
+      (workdir / "checkpoints/1/state/ocdbt.process_0/d").iterdir(), key=lambda p: p.stat().st_size
+    )
+    _flip(files[-1], at)
+    try:
+      got, _ = _restore(workdir, config, abstract, verify=False)
+    except Exception:  # noqa: BLE001 - this flip broke a zstd frame: Orbax noticed
+      continue
+    if not _same(got, state):
+      break
+  else:
+    pytest.fail("no flip in the largest array file was restored silently by Orbax alone")
   with pytest.raises(
     integrity.CorruptCheckpoint, match=r"checkpoints/1: array \S+ does not match its checksum"
   ):
@@ -263,6 +274,7 @@ def test_checkpoint_without_checksums_is_checked_for_finiteness_only():
   with pytest.raises(integrity.CorruptCheckpoint, match="old: array w holds NaN or inf"):
     integrity.verify({"w": np.array([1.0, np.inf], np.float32)}, None, "old")
   sealed = integrity.seal({"tokenizer": "abc"}, {"a": "00000001"})
+  assert integrity.seal(sealed, {"a": "00000001"}) == sealed  # Sealing a sealed item changes nothing.
   del sealed[integrity.DIGEST_KEY]  # A flip in the key's name: not mistaken for an old checkpoint.
   with pytest.raises(integrity.CorruptCheckpoint, match="meta item"):
     integrity.unseal(sealed, "x")
