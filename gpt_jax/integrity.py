@@ -131,8 +131,9 @@ def nonfinite_leaves(tree) -> list[str]:
   return digest(tree)[1]
 
 
+@jax.jit  # One program: op-by-op, every leaf's reduction would be its own cross-device program.
 def all_finite(tree) -> jax.Array:
-  """On-device bool: every floating-point leaf is finite (no host sync; fold it into a step's `ok`)."""
+  """On-device bool: every floating-point leaf is finite (no host sync; can go into a step's `ok`)."""
   return jnp.all(jnp.stack([_leaf_finite(x) for x in jax.tree.leaves(tree)]))
 
 
@@ -179,20 +180,19 @@ def unseal(meta: dict, where: str = "") -> tuple[dict, dict | None]:
   return body, record
 
 
-def verify(tree, record: dict | None, where: str = "", prefix: str = "") -> None:
+def verify(tree, record: dict | None, where: str = "") -> None:
   """Raises CorruptCheckpoint naming the first array that differs from its checksum or is not finite.
 
-  `record` None (a checkpoint written before checksums): only finiteness is
-  checked. `prefix` names the subtree restored ("params" for a params-only
-  restore of a training state); a leaf with no stored checksum is a mismatch.
+  A partial restore checks what it read ({"params": ...} of a TrainState has
+  the same paths); a leaf with no stored checksum is a mismatch. `record`
+  None (a checkpoint written before checksums): only finiteness is checked.
   """
   sums, nonfinite = digest(tree)
   for path, got in sums.items() if record is not None else ():
-    key = f"{prefix}/{path}" if prefix else path
-    want = record["arrays"].get(key, "none")
+    want = record["arrays"].get(path, "none")
     if want != got:
       raise CorruptCheckpoint(
-        _at(where, f"array {key} does not match its checksum (saved {want}, read {got})")
+        _at(where, f"array {path} does not match its checksum (saved {want}, read {got})")
       )
   if nonfinite:
     raise CorruptCheckpoint(_at(where, f"array {nonfinite[0]} holds NaN or inf"))
@@ -215,7 +215,6 @@ _NEVER_AWAITED = (
   r"coroutine '(_read_array_index_and_device_put|_read_and_create_array|async_deserialize)' was never"
 )
 _previous_unraisablehook = None
-dropped_unraisable = 0
 
 
 def _is_restore_noise(unraisable) -> bool:
@@ -230,11 +229,8 @@ def _is_restore_noise(unraisable) -> bool:
 
 
 def _unraisablehook(unraisable) -> None:
-  global dropped_unraisable
-  if _is_restore_noise(unraisable):
-    dropped_unraisable += 1
-    return
-  _previous_unraisablehook(unraisable)
+  if not _is_restore_noise(unraisable):
+    _previous_unraisablehook(unraisable)
 
 
 class _OrbaxFilter(py_logging.Filter):
@@ -337,15 +333,8 @@ def restore_error_line(exc: BaseException) -> str:
     e = e.__cause__ or e.__context__
   root = chain[-1]
   text = str(root).strip().splitlines()[0] if str(root).strip() else ""
-  array = None
-  for e in chain:
-    for pattern in _ARRAY_IN_MESSAGE:
-      m = pattern.search(str(e))
-      if m and not m.group(1).startswith("/"):
-        array = m.group(1)
-        break
-    if array:
-      break
+  names = (m.group(1) for e in chain for p in _ARRAY_IN_MESSAGE for m in [p.search(str(e))] if m)
+  array = next((n for n in names if not n.startswith("/")), None)
   text = re.sub(r" \[tensorstore_spec.*", "", text)
   files = re.findall(r'local file "([^"]+)"', text)
   # TensorStore's status: "CODE: Error opening ...: Error reading ...: what went wrong"; keep the
