@@ -29,6 +29,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax import lax
 
 from gpt_jax.errors import UserError
@@ -278,8 +279,6 @@ def _install_orbax_filter() -> None:
 
 
 def verbosity_requested() -> bool:
-  from absl import flags
-
   return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present > 0
 
 
