@@ -71,7 +71,9 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
   """Language-model pretraining on config.data with the run's tokenizer."""
   del mesh  # Batches are assembled onto the mesh by train.run.
   check_run_inputs(config)
-  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
+  # Refuses a vocabulary larger than the model's. Written to the workdir by Task.pin, once
+  # nothing can refuse the run (at once with several processes: the others wait for its files).
+  tok = tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   pi, pc = jax.process_index(), jax.process_count()
   train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
   eval_bs = config.eval.batch_size or config.train.batch_size
@@ -124,7 +126,11 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
     return {"unigram_loss": baseline, "unigram_perplexity": math.exp(min(baseline, 50.0))}
 
   task = _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
-  return dataclasses.replace(task, next_steps=next_steps(config, workdir))
+  return dataclasses.replace(
+    task,
+    next_steps=next_steps(config, workdir),
+    pin=lambda: tokenizer_lib.pin_tokenizer(tok, config, workdir),
+  )
 
 
 def next_steps(config, workdir: str) -> tuple[str, ...]:
