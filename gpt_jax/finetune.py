@@ -73,9 +73,7 @@ BEST_FILE = "best.json"
 
 
 def _write_export(directory: Path, config, params, tok, record: dict) -> None:
-  """The best params as a params export: config.json, params/ (Orbax), tokenizer/, best.json."""
-  import orbax.checkpoint as ocp
-
+  """The best params as a params export: config.json, params/ + checksums.json, tokenizer/, best.json."""
   final = directory / BEST_DIR
   tmp = directory / f".{BEST_DIR}.tmp-{record['step']}"
   if jax.process_index() == 0:
@@ -83,9 +81,7 @@ def _write_export(directory: Path, config, params, tok, record: dict) -> None:
     tmp.mkdir(parents=True)
     paths.write_config(tmp / paths.CONFIG_FILE, config)
     tok.save(str(tmp / "tokenizer"))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp / "params", params)
-    ckptr.wait_until_finished()
+  checkpoint.write_params(tmp, params)
   if jax.process_index() == 0:
     (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
     # Swap in two renames: a crash leaves either the old best/ or the new
@@ -161,20 +157,26 @@ def pretrained_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 
 
 def _run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-  """The pretrained model's tokenizer, pinned in <workdir>/tokenizer/ (a random init: config.data's)."""
+  """The pretrained model's tokenizer (a random init: config.data's), checked against the one the
+  workdir pinned; written there only by `_pin_tokenizer`, once nothing can refuse the run (one
+  process: several wait for process 0's files, so a multi-process run pins it at once)."""
   fc = config.finetune
   if not fc.pretrained:
-    return tokenizer_lib.for_run(config, workdir)
+    return tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   tok = pretrained_tokenizer(fc.pretrained)
   pinned = Path(workdir) / "tokenizer"
   if (pinned / tokenizer_lib.META_FILE).exists():
     if tokenizer_lib.load_dir(str(pinned)).fingerprint != tok.fingerprint:
       raise UserError(f"{pinned} holds another tokenizer than {fc.pretrained}; use a new --workdir")
-  elif jax.process_index() == 0:
+  return tok
+
+
+def _pin_tokenizer(tok, workdir: str) -> None:
+  pinned = Path(workdir) / "tokenizer"
+  if jax.process_index() == 0 and not (pinned / tokenizer_lib.META_FILE).exists():
     tmp = tokenizer_lib.tmp_dir_for(pinned)
     tok.save(str(tmp))
     tokenizer_lib.publish_dir(tmp, pinned)
-  return tok
 
 
 def finetune_model_config(config):
@@ -301,6 +303,7 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
       tokens_per_example=num_seqs * seq_len,
       initial_params=_initial_params(config, base_vocab, mesh, fc),
       next_steps=next_steps(fc, workdir),
+      pin=lambda: _pin_tokenizer(tok, workdir),
     )
     if fc.task == "dialogue":
       return train.Task(
@@ -387,7 +390,6 @@ def run(config, workdir: str) -> dict:
     raise ConfigError(
       f"config.finetune.max_len={fc.max_len} exceeds model.block_size={config.model.block_size}"
     )
-  os.makedirs(workdir, exist_ok=True)
   tok = _run_tokenizer(config, workdir)
   if tok.vocab_size > base_vocab:
     raise UserError(f"the tokenizer has {tok.vocab_size} ids but the model only {base_vocab}")

@@ -57,6 +57,25 @@ def abstract_params(model_cfg, shardings=None):
   return abstract
 
 
+def check_params_source(path, model_cfg, field: str = "config.init_from") -> None:
+  """Refuses, reading configs only, a params source that is missing or holds another model shape
+  (the arrays themselves are checked when they load)."""
+  p = paths.absolute(path)
+  if not p.exists():
+    raise UserError(f"{field}={path!r} does not exist")
+  if is_hf_dir(p):
+    theirs = hf.model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
+  else:
+    theirs = run_config(p).model
+  diffs = [
+    f"model.{f}: {theirs.get(f)!r} there, {model_cfg[f]!r} here"
+    for f in model_config.SHAPE_FIELDS
+    if theirs.get(f) != model_cfg[f]
+  ]
+  if diffs:
+    raise UserError(f"{field}={path!r} holds another model shape ({'; '.join(diffs)})")
+
+
 def load_params(path, *, shardings=None):
   """(config, params) from a params export, a training workdir / step dir, or an HF folder.
 

@@ -80,16 +80,6 @@ def peak_flops(configured: float) -> tuple[float, str]:
   return flops, f"measured float32 matmul peak on {kind or 'cpu'} ({flops / 1e9:.1f} GFLOP/s)"
 
 
-def quiet_library_logs() -> None:
-  """Keeps Orbax's per-save INFO chatter out of the training log (warnings stay)."""
-  import logging as py_logging
-
-  def keep(record):
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-  logging.get_absl_handler().addFilter(keep)
-
-
 class MetricsWriter:
   """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0.
 

@@ -79,7 +79,9 @@ def _task(config, train_iter=None, eval_batches=(), meta=None, extra_eval=None, 
 def pretrain_task(config, workdir: str, mesh) -> train.Task:
   """Language-model pretraining on config.data with the run's tokenizer."""
   check_run_inputs(config)
-  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
+  # Refuses a vocabulary larger than the model's. Written to the workdir by Task.pin, once
+  # nothing can refuse the run (at once with several processes: the others wait for its files).
+  tok = tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   pi, pc = jax.process_index(), jax.process_count()
   # A batch ramp reads the stream in units of train.ramp_unit sequences (train.batch_size without one).
   unit = train.ramp_unit(config, mesh)
@@ -135,7 +137,11 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
     return {"unigram_loss": baseline, "unigram_perplexity": math.exp(min(baseline, 50.0))}
 
   task = _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
-  return dataclasses.replace(task, next_steps=next_steps(config, workdir))
+  return dataclasses.replace(
+    task,
+    next_steps=next_steps(config, workdir),
+    pin=lambda: tokenizer_lib.pin_tokenizer(tok, config, workdir),
+  )
 
 
 def _with_batch_size(config, batch_size: int):

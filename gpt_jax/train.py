@@ -28,7 +28,19 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from gpt_jax import checkpoint, errors, loading, metrics, model, model_config, optim, paths, ramp, sharding
+from gpt_jax import (
+  checkpoint,
+  errors,
+  integrity,
+  loading,
+  metrics,
+  model,
+  model_config,
+  optim,
+  paths,
+  ramp,
+  sharding,
+)
 from gpt_jax.errors import ConfigError, UserError
 
 
@@ -94,6 +106,9 @@ class Task:
   finish: Callable[[Any], dict | None] | None = None
   # Commands worth running on the finished run (sample, evaluate, ...), for the end-of-run summary.
   next_steps: tuple[str, ...] = ()
+  # Writes what the task keeps in the workdir (its tokenizer), called once nothing can refuse
+  # the run any more: a refused command leaves the workdir as it found it.
+  pin: Callable[[], None] | None = None
   tokens_per_example: int = 0  # For throughput / MFU; 0 = not a token-level job.
   # shardings -> params for a fresh start, instead of init_params / config.init_from
   # (e.g. pretrained weights reshaped for a fine-tuning head). Closing over loaded
@@ -456,8 +471,10 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
   before config.json is written.
   """
   workdir = paths.run_dir(workdir)
-  metrics.quiet_library_logs()
+  integrity.quiet_orbax_logs()  # Orbax's INFO lines only with --verbosity.
   check_workdir(config, workdir)
+  if config.init_from and checkpoint.latest_step_dir(epath.Path(workdir)) is None:
+    loading.check_params_source(config.init_from, config.model)
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   platform = mesh.devices.flat[0].platform
@@ -472,6 +489,8 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
     state = _resume_or_init(config, workdir, task, program, manager)
     if int(state.step) >= config.train.num_steps:
       return _already_finished(config, workdir, task, manager, int(state.step))
+    if task.pin is not None:
+      task.pin()
     write_config(config, workdir)
     loop = _Loop(config, workdir, task, program, manager, mesh, start_step=int(state.step))
     try:

@@ -2,13 +2,14 @@
 save without compiles, finalised step directories, params exports and partial restores."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from test_train import _fake_task, _tokens
 
-from gpt_jax import checkpoint, optim, sharding, train
+from gpt_jax import checkpoint, integrity, model, optim, sharding, train
 from gpt_jax import tokenizer as tok_lib
 from gpt_jax.errors import UserError
 
@@ -51,6 +52,50 @@ def test_run_refuses_when_no_checkpoint_restores(debug_config, tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+def test_flipped_array_bytes_fall_back_to_the_previous_checkpoint(debug_config, tmp_path):
+  # Issue 14's repro: 16 bytes inverted a quarter into the largest array file were restored silently.
+  debug_config.update_from_flattened_dict(
+    {"train.num_steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0}
+  )
+  task_fn = _fake_task(_tokens(debug_config, rows=32), 8)
+  train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  data = tmp_path / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"
+  largest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  raw = bytearray(largest.read_bytes())
+  raw[len(raw) // 4 : len(raw) // 4 + 16] = bytes(b ^ 0xFF for b in raw[len(raw) // 4 : len(raw) // 4 + 16])
+  largest.write_bytes(bytes(raw))
+  mesh = sharding.make_mesh(debug_config.mesh)
+  with sharding.activate(mesh, sharding.rules(debug_config)):
+    task = task_fn(debug_config, str(tmp_path), mesh)
+    tx = optim.make_optimizer(debug_config)
+    abstract, _ = train.state_shardings(task, tx, mesh, sharding.rules(debug_config), 0)
+    restored = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), debug_config), abstract, None)
+  assert restored[2] == 2 and (tmp_path / "checkpoints" / "4.unreadable").is_dir()
+
+
+def test_nonfinite_state_is_never_saved(debug_config, tmp_path):
+  def task_fn(config, workdir, mesh):
+    task = _fake_task(_tokens(config), 8)(config, workdir, mesh)
+
+    def poisoned(shardings):
+      def init():
+        params = model.init_params(config.model, jax.random.key(0))
+        return {**params, "wpe": params["wpe"].at[0, 0].set(jnp.nan)}
+
+      return jax.jit(init, out_shardings=shardings)()
+
+    task.initial_params = poisoned
+    return task
+
+  debug_config.update_from_flattened_dict(
+    {"train.num_steps": 6, "checkpoint.every_steps": 2, "eval.every_steps": 0}
+  )
+  debug_config.train.max_bad_steps = 100
+  with pytest.raises(UserError, match=r"state of step 2 not saved: .* \(first: params/wpe\)"):
+    train.run(debug_config, str(tmp_path), task_fn=task_fn)
+  assert checkpoint.make_manager(str(tmp_path), debug_config).all_steps() == []
+
+
 def test_saving_small_replicated_arrays_compiles_nothing(debug_config, tmp_path):
   # Orbax's replica-parallel save cuts each replicated array with an eager,
   # per-shape compiled slice; for a model's small arrays that cost seconds of
@@ -61,6 +106,7 @@ def test_saving_small_replicated_arrays_compiles_nothing(debug_config, tmp_path)
   state = {
     f"w{i}": jax.device_put(rng.standard_normal((i + 1, 8)).astype(np.float32), replicated) for i in range(6)
   }
+  integrity.digest(state)  # The checksum pass before every save compiles once per state structure.
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -115,7 +161,8 @@ def test_params_export_round_trip(debug_config, tmp_path):
   params = _tree()
   tok = tok_lib.train_bpe(["to be or not to be"], 260)
   checkpoint.save_params(tmp_path / "export", debug_config, params, tokenizer=tok)
-  assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "params", "tokenizer"]
+  listing = sorted(p.name for p in (tmp_path / "export").iterdir())
+  assert listing == ["checksums.json", "config.json", "params", "tokenizer"]
   assert tok_lib.load_dir(str(tmp_path / "export" / "tokenizer")).fingerprint == tok.fingerprint
   item = epath.Path(tmp_path / "export" / "params")
   restored = checkpoint.restore_params(item, _abstract(params), in_state=False)
@@ -161,6 +208,22 @@ def test_params_that_do_not_match_are_one_line(debug_config, tmp_path, abstract,
   with pytest.raises(UserError, match=rf"^cannot restore params from {item}: ") as e:
     checkpoint.restore_params(item, _abstract(abstract, NamedSharding(mesh, PartitionSpec())), in_state=False)
   assert "\n" not in str(e.value)
+
+
+def test_a_flipped_params_export_is_refused_in_one_line(debug_config, tmp_path):
+  params = {"wte": np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)}
+  checkpoint.save_params(tmp_path / "export", debug_config, params)
+  item = epath.Path(tmp_path / "export" / "params")
+  data = max(
+    (tmp_path / "export" / "params" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size
+  )
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x10  # One bit inside the chunk: Orbax alone returns another value.
+  data.write_bytes(bytes(raw))
+  with pytest.raises(
+    integrity.CorruptCheckpoint, match=rf"^cannot restore params from {item}: array wte does not"
+  ):
+    checkpoint.restore_params(item, _abstract(params), in_state=False)
 
 
 def test_save_params_refuses_a_non_empty_directory(debug_config, tmp_path):

@@ -190,7 +190,7 @@ MATCHING = dict(batch_size=32, lr=5e-3, lm_coef=0.0, head_dropout=0.0, warmup_fr
 def test_entailment_reaches_90_percent(pretrained):
   train_rows, eval_rows = entailment_rows(2000, 1), entailment_rows(200, 2)
   final, workdir = finetune_run(
-    pretrained, "entail", "entailment", train_rows, eval_rows, epochs=5.0, **MATCHING
+    pretrained, "entail", "entailment", train_rows, eval_rows, epochs=8.0, **MATCHING
   )
   report("entailment (λ=0)", val_records(workdir))
   assert final["best/accuracy"] >= 0.9, val_records(workdir)

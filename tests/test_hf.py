@@ -157,6 +157,10 @@ def test_pickle_only_folder_is_refused(hf_model, tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
   msg = _one_line_error(lambda: hf_lib.from_hf(tmp_path), "pickle")
   assert "safe_serialization=True" in msg
+  # Named even when the folder has no config.json either (the issue's `convert --hf_dir` case).
+  (tmp_path / "config.json").unlink()
+  msg = _one_line_error(lambda: hf_lib.from_hf(tmp_path), "pytorch_model.bin")
+  assert "config.json" not in msg
 
 
 def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
