@@ -274,14 +274,13 @@ def main(argv) -> None:
   F = flags.FLAGS
   as_json = F.json
   log = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
-  if F.target:
-    targets.enable_cache(F.cache_dir)
   if F.ladder:
     if not F.target:
       raise UserError("--ladder needs --target")
     overrides = _LADDER_OVERRIDES or [a for a in sys.argv[1:] if a.startswith("--config.")]
     configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     target = parse_target(F.target, F.num_slices)
+    targets.cache_dir(F.cache_dir, target)
     rows = ladder(target, overrides, configs_dir, family=F.family, log=log)
     print(json.dumps(rows) if as_json else format_ladder(rows), flush=True)
     return
@@ -295,9 +294,15 @@ def main(argv) -> None:
     print(json.dumps(p) if as_json else format_plan(p))
     return
   target = parse_target(F.target, F.num_slices)
+  cache = targets.cache_dir(F.cache_dir, target)
   if F.suggest:
     result = suggest.suggest(
-      config, target, saturation_tokens=F.saturation_tokens, search_mesh=F.search_mesh, log=log
+      config,
+      target,
+      saturation_tokens=F.saturation_tokens,
+      search_mesh=F.search_mesh,
+      cache_dir=cache,
+      log=log,
     )
     best = result["best"]
     if best is not None:
@@ -341,7 +346,10 @@ if __name__ == "__main__":
   flags.DEFINE_bool("cross_check", True, "Also count FLOPs with XLA's cost analysis of unrolled models.")
   flags.DEFINE_bool("roofline", True, "TPU / GPU targets: the step's roofline (two small extra compiles).")
   flags.DEFINE_string(
-    "cache_dir", "", "Persistent compilation cache ('' = ~/.cache/gpt_jax/plan_cache, 'none' = off)."
+    "cache_dir",
+    "",
+    "--suggest's record of each compile, and JAX's compilation cache for CPU / CUDA "
+    "('' = ~/.cache/gpt_jax/plan_cache, 'none' = off).",
   )
   sys.argv, _LADDER_OVERRIDES = split_ladder_overrides(sys.argv)
   os.environ["XLA_FLAGS"] = cpu_device_flags(sys.argv, os.environ.get("XLA_FLAGS", ""))

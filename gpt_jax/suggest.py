@@ -22,16 +22,23 @@ least recomputation first, and stops at the first that fits; only if none
 does, it bisects the smaller batches with the policy that saves the most
 memory and tries the others at the batch found (memory is taken to grow with
 the batch and to fall with recomputation). A policy or mesh that cannot beat
-the plan found on (tokens, recomputation, tensor) is not compiled. The
-persistent compilation cache (targets.enable_cache) keeps a repeated search
-from compiling again.
+the plan found on (tokens, recomputation, tensor) is not compiled. Each
+compile's record is kept (compile_cached, in the planner's --cache_dir), so
+a repeated search compiles nothing it has compiled before.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
 import time
+
+import jax
 
 from gpt_jax import aot, sharding, targets
 from gpt_jax import config as config_lib
@@ -117,10 +124,49 @@ def _minutes(seconds: float) -> str:
   return f"{m} min {s} s" if m else f"{s} s"
 
 
+def _versions() -> list[str]:
+  """What a compile's result depends on besides config and target: jax, libtpu, this package's code."""
+  try:
+    libtpu = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    libtpu = ""
+  code = hashlib.sha256()
+  for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+    code.update(path.read_bytes())
+  return [jax.__version__, libtpu, code.hexdigest()]
+
+
+def compile_cached(config, target: Target, devices, cache_dir: str = "") -> dict:
+  """aot.compile_plan, its record kept in `cache_dir` (plan-<key>.json) under a key of the config,
+  the target and _versions(): a repeated search reads what fitted and what did not."""
+  if not cache_dir:
+    return aot.compile_plan(config, target, devices)
+  blob = json.dumps(
+    [config.to_dict(), target.spec, target.num_slices, _versions()], sort_keys=True, default=str
+  )
+  path = os.path.join(cache_dir, f"plan-{hashlib.sha256(blob.encode()).hexdigest()[:40]}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return {**json.load(f), "cached": True}
+  record = aot.compile_plan(config, target, devices)
+  os.makedirs(cache_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f)
+  os.replace(path + ".tmp", path)
+  return record
+
+
 def suggest(
-  config, target: Target, *, saturation_tokens: int = 4096, search_mesh: bool = True, log=print
+  config,
+  target: Target,
+  *,
+  saturation_tokens: int = 4096,
+  search_mesh: bool = True,
+  cache_dir: str = "",
+  log=print,
 ) -> dict:
-  """Searches mesh x remat policy x sequences per device; the fastest-looking setting that fits."""
+  """Searches mesh x remat policy x sequences per device; the fastest-looking setting that fits.
+  cache_dir: where compile_cached keeps each compile's record ('' = none)."""
   devices = targets.target_devices(target)
   seq = config_lib.seq_len(config)
   if search_mesh:
@@ -153,14 +199,15 @@ def suggest(
   progress = _Progress(log, sum(bounds))
   trials: list[dict] = []
   for i, (mesh, dp, sizes, sat) in enumerate(plans):
-    _search_mesh(config, target, devices, mesh, dp, sizes, sat, policies, trials, progress, saturation_tokens)
+    compile_fn = lambda cfg: compile_cached(cfg, target, devices, cache_dir)
+    _search_mesh(config, mesh, dp, sizes, sat, policies, trials, progress, saturation_tokens, compile_fn)
     progress.budget = sum(bounds[i + 1 :])
   best = best_setting(trials, seq, saturation_tokens)
   seconds = time.perf_counter() - progress.started
   return {"trials": trials, "best": best, "saturation_tokens": saturation_tokens, "seconds": seconds}
 
 
-def _search_mesh(config, target, devices, mesh, dp, sizes, sat, policies, trials, progress, saturation):
+def _search_mesh(config, mesh, dp, sizes, sat, policies, trials, progress, saturation, compile_fn):
   """The best (batch, policy) on one mesh, in few compiles that fit (a fitting TPU compile is
   slow, a failing one fast, as the compiler stops at its HBM check).
 
@@ -179,11 +226,12 @@ def _search_mesh(config, target, devices, mesh, dp, sizes, sat, policies, trials
     return best is None or score(best, seq, saturation)[:3] < ceiling
 
   def fits(remat: str, index: int) -> bool:
-    r = aot.compile_plan(_with(config, mesh, remat, sizes[index], dp), target, devices)
+    r = compile_fn(_with(config, mesh, remat, sizes[index], dp))
     trials.append(r)
+    took = "cached" if r.get("cached") else f"{r['compile_seconds']:.0f} s"
     progress.line(
       f"{_mesh_text(mesh)} remat={remat:<18} {sizes[index]:>4} seq/device: {_needs(r)} "
-      f"{'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f} s)"
+      f"{'fits' if r['fits'] else 'does not fit'} ({took})"
     )
     return r["fits"]
 

@@ -224,13 +224,21 @@ def target_devices(target: Target) -> list:
   return list(topo.devices)
 
 
-def enable_cache(cache_dir: str) -> str:
-  """The persistent compilation cache for the planner's compiles ('none': off): a repeated
-  plan or search reads its executables instead of compiling them again. Returns the dir."""
-  if cache_dir == "none":
+def cache_dir(flag: str, target: Target) -> str:
+  """The planner's cache directory ('' for the default, 'none': no cache -> '').
+
+  JAX's persistent compilation cache serves CPU and CUDA targets. For TPU it
+  cannot: with jax 0.10.2 / libtpu 0.0.42 a compile-only client writes
+  entries but cannot read them back ("PjRtCompiler must be constructed with a
+  Client to call DeserializeLoadedExecutable"), so it is left off there; the
+  planner's own record cache (suggest.py) remembers each plan's result
+  instead, which is all a repeated search needs.
+  """
+  if flag == "none":
     return ""
-  where = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax", "plan_cache")
-  jax.config.update("jax_compilation_cache_dir", where)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  where = flag or os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax", "plan_cache")
+  if target.platform != "tpu":
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return where

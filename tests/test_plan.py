@@ -217,7 +217,7 @@ def _memory_model(calls, per_seq, capacity=16.0):
   return fake_compile
 
 
-def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch):
+def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch, tmp_path):
   per_seq = {"none": 5.0, "dots_saveable": 2.0, "attention_saveable": 1.0, "full": 0.5}
   calls = []
   monkeypatch.setattr(aot, "compile_plan", _memory_model(calls, per_seq))
@@ -239,6 +239,15 @@ def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch):
   best = result["best"]
   assert (best["mesh"]["tensor"], best["remat"], best["sequences_per_device"]) == (4, "none", 8)
   assert best == suggest.best_setting(result["trials"], 32, 8 * 32)
+
+  # A repeated search reads each compile's record from the cache: nothing is compiled again.
+  calls.clear()
+  kwargs = dict(saturation_tokens=8 * 32, cache_dir=str(tmp_path / "cache"), log=lines.append)
+  first = suggest.suggest(config, plan.parse_target("cpu:8"), **kwargs)
+  assert len(calls) == 6
+  again = suggest.suggest(config, plan.parse_target("cpu:8"), **kwargs)
+  assert len(calls) == 6 and again["best"] == {**first["best"], "cached": True}
+  assert lines[-1].endswith("left") and "(cached)" in lines[-1]
 
   # Nothing fits at saturation: bisect below it with full remat, then the lighter policies there.
   calls.clear()
