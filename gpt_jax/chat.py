@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from gpt_jax import cli, loading, model_config, sample
+from gpt_jax import cli, loading, model_config, sample, sampling
 from gpt_jax import model as model_lib
 from gpt_jax.errors import UserError
 from gpt_jax.finetune_data import dialogue_sequence, join_turns
@@ -88,7 +88,7 @@ def _logprob_program(cfg):
 
 def sequence_logprobs(m: Model, seqs: list[list[int]], masks: list[list[int]]) -> np.ndarray:
   """Sum of log p(tokens[j + 1] | tokens[: j + 1]) over the j where mask[j] = 1, per sequence."""
-  length = sample.prompt_bucket(max(len(s) for s in seqs), m.cfg.block_size + 1)
+  length = sampling.prompt_bucket(max(len(s) for s in seqs), m.cfg.block_size + 1)
   tokens_BT = np.zeros((len(seqs), length), np.int32)
   mask_BT = np.zeros((len(seqs), length - 1), np.float32)
   for b, (s, k) in enumerate(zip(seqs, masks)):
