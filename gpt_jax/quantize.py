@@ -49,6 +49,11 @@ def dequantize_int8(q, scale, in_axes: tuple[int, ...]):
   return q.astype(jnp.float32) * jnp.expand_dims(scale, in_axes)
 
 
+def check_weights(weights: str) -> None:
+  if weights not in WEIGHT_FORMATS:
+    raise UserError(f"--weights={weights!r}: must be one of {', '.join(WEIGHT_FORMATS)}")
+
+
 def quantize_params(params, weights: str):
   """Params in the default layout (kernels [inputs..., outputs...]) with matmul weights in `weights`.
 
@@ -56,8 +61,7 @@ def quantize_params(params, weights: str):
   else is kept. Apply before `model.transpose_kernels` / the sampler's CPU
   layout, which carry the scales along unchanged.
   """
-  if weights not in WEIGHT_FORMATS:
-    raise UserError(f"--weights={weights!r}: must be one of {', '.join(WEIGHT_FORMATS)}")
+  check_weights(weights)
   if weights == "float32":
     return params
 

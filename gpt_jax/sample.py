@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from gpt_jax import cli, loading, sampling, sharding
+from gpt_jax import cli, loading, sampling, sharding, speculative
 from gpt_jax import model as model_lib
 from gpt_jax.errors import UserError
 
@@ -227,6 +227,8 @@ def generate(
   stop_sequences: list[list[int]] | None = None,
   on_token=None,
   vocab_limit: int | None = None,
+  draft: speculative.Draft | None = None,
+  stats: dict | None = None,
 ) -> list[list[int]]:
   """Generated ids per prompt (prompt excluded), cut at EOT / a stop sequence (both excluded).
 
@@ -237,9 +239,34 @@ def generate(
   tokens (rows that have stopped get eot_id, or 0); without it the loop runs
   entirely on device. `vocab_limit` forbids ids >= it (a tokenizer smaller
   than the model's vocabulary).
+
+  With a `draft` model the tokens come from speculative decoding: greedy
+  output is plain greedy's, sampled output follows the same distribution
+  (gpt_jax.speculative); `stats` then receives the acceptance rate and
+  tokens per target pass. It does not stream (`on_token` must be None).
   """
   if len(prompts) == 0:
     return []
+  if draft is not None:
+    if on_token is not None:
+      raise ValueError("on_token streaming is not available with a draft model")
+    return speculative.generate(
+      model_cfg,
+      params,
+      draft.cfg,
+      draft.params,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      draft_tokens=draft.tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      seed=seed,
+      eot_id=eot_id,
+      stop_sequences=stop_sequences,
+      vocab_limit=vocab_limit,
+      stats=stats,
+    )
   decoded = decode(
     model_cfg,
     params,
@@ -348,6 +375,7 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
   flags.DEFINE_multi_string("stop", [], "Stop a sample before this string (repeatable).")
   flags.DEFINE_bool("json", False, "Print one JSON object per sample: prompt, tokens, text.")
+  speculative.define_flags()
 
 
 def main(argv):
@@ -359,8 +387,11 @@ def main(argv):
   if F.num_samples < 1:
     raise UserError(f"--num_samples={F.num_samples} must be >= 1")
   sampling.check_sampling(F.temperature, F.top_k, F.top_p, F.max_new_tokens)
-  cfg, params, tokenizer = loading.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir)
-  stream = not F.json and sys.stdout.isatty()
+  cfg, params, tokenizer = loading.load_for_inference(workdir=F.workdir, hf_dir=F.hf_dir, weights=F.weights)
+  draft = speculative.draft_from_flags(cfg, tokenizer)
+  stats = {}
+  # Speculative decoding emits a round's tokens at once: no per-step streaming.
+  stream = not F.json and sys.stdout.isatty() and draft is None
   streamer = TextStreamer(tokenizer, F.stop) if stream else None
   if stream:
     sys.stdout.write(F.prompt)
@@ -376,7 +407,16 @@ def main(argv):
     top_p=F.top_p,
     seed=F.seed,
     on_token=streamer,
+    draft=draft,
+    stats=stats,
   )
+  if draft is not None:
+    print(
+      f"speculative decoding: {stats['acceptance_rate']:.1%} of the draft's k={draft.tokens} proposals "
+      f"accepted, {stats['tokens_per_pass']:.2f} tokens per target pass ({stats['rounds']} passes)",
+      file=sys.stderr,
+      flush=True,
+    )
   for n, (row, text) in enumerate(zip(ids, texts)):
     if F.json:
       print(json.dumps({"prompt": F.prompt, "tokens": row, "text": text}, ensure_ascii=False), flush=True)

@@ -45,13 +45,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from gpt_jax import loading, model_config, quantize, sampling
 from gpt_jax import model as model_lib
-from gpt_jax import sampling
 from gpt_jax.errors import UserError
 
 
@@ -312,6 +314,64 @@ def _program(target_cfg, draft_cfg, mode: _Mode):
 # ------------------------------------------------------------ host side
 
 
+@dataclasses.dataclass(eq=False)
+class Draft:
+  """A draft model for `sample.generate(..., draft=)`: it proposes `tokens` (k) tokens per round."""
+
+  cfg: model_config.ModelConfig
+  params: Any
+  tokens: int = 4
+
+  def __post_init__(self):
+    self.cfg = model_config.of(self.cfg)
+    check_draft_tokens(self.tokens)
+
+
+def check_draft_tokens(k, flag: str = "draft_tokens") -> None:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise UserError(f"{flag}={k!r} must be an integer >= 1")
+
+
+def load_draft(
+  target_cfg, target_tokenizer, *, workdir=None, hf_dir=None, draft_tokens: int = 4, weights: str = "float32"
+) -> Draft | None:
+  """The draft from a gpt_jax workdir or a Hugging Face folder (None if neither is given), checked
+  against the target (same tokenizer, vocabulary, and at least its context) and in `weights`."""
+  if workdir and hf_dir:
+    raise UserError("give at most one of --draft_workdir or --draft_hf_dir")
+  if not (workdir or hf_dir):
+    return None
+  check_draft_tokens(draft_tokens, "--draft_tokens")
+  quantize.check_weights(weights)
+  cfg, params, tok = loading.load_for_inference(
+    workdir=workdir or None, hf_dir=hf_dir or None, weights=weights
+  )
+  check_pair(target_cfg, cfg, target_tokenizer, tok)
+  return Draft(cfg, params, draft_tokens)
+
+
+def define_flags() -> None:
+  """--draft_workdir / --draft_hf_dir / --draft_tokens / --weights, shared by sample, evaluate and chat."""
+  flags.DEFINE_string("draft_workdir", None, "Draft model for speculative decoding: a gpt_jax workdir.")
+  flags.DEFINE_string("draft_hf_dir", None, "Draft model for speculative decoding: a Hugging Face folder.")
+  flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per target pass (k).")
+  flags.DEFINE_enum(
+    "weights", "float32", list(quantize.WEIGHT_FORMATS), "Matmul weights for decoding (weight-only)."
+  )
+
+
+def draft_from_flags(target_cfg, target_tokenizer) -> Draft | None:
+  F = flags.FLAGS
+  return load_draft(
+    target_cfg,
+    target_tokenizer,
+    workdir=F.draft_workdir,
+    hf_dir=F.draft_hf_dir,
+    draft_tokens=F.draft_tokens,
+    weights=F.weights,
+  )
+
+
 def check_pair(target_cfg, draft_cfg, target_tokenizer=None, draft_tokenizer=None) -> None:
   """Raises UserError (one line) for a draft that cannot propose for this target."""
   if target_tokenizer is not None and draft_tokenizer is not None:
@@ -360,8 +420,7 @@ def decode(
   sampling.check_sampling(temperature, top_k, top_p, max_new_tokens)
   check_pair(target_cfg, draft_cfg)
   k = draft_tokens
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise UserError(f"draft_tokens={k!r} must be an integer >= 1")
+  check_draft_tokens(k)
   block = min(target_cfg.block_size, draft_cfg.block_size)
   if max_new_tokens + k >= block:
     raise UserError(

@@ -12,7 +12,18 @@ import pytest
 import scipy.stats
 
 from configs import debug
-from gpt_jax import errors, model, model_config, sample, sampling, speculative
+from gpt_jax import (
+  chat,
+  errors,
+  evaluate,
+  harness,
+  model,
+  model_config,
+  sample,
+  sampling,
+  speculative,
+  tokenizer,
+)
 
 N = 8  # New tokens: below sampling.CPU_LAYOUT_FROM_STEPS, so plain and speculative share one layout.
 
@@ -218,3 +229,59 @@ def test_refuses_a_draft_that_cannot_propose(target):
     speculative.generate(cfg, _init(cfg, 1), cfg, _init(cfg, 1), [[1]], max_new_tokens=28, draft_tokens=4)
   with pytest.raises(errors.UserError, match="draft_tokens=0 must be an integer >= 1"):
     speculative.generate(cfg, _init(cfg, 1), cfg, _init(cfg, 1), [[1]], max_new_tokens=4, draft_tokens=0)
+
+
+# --------------------------------------------------------------- entry points
+
+
+@pytest.fixture(scope="module")
+def text_pair():
+  """A random target and a perturbed draft over a real BPE tokenizer (the entry points take text)."""
+  words = "the a cat dog sat on mat quick brown fox jumps over lazy river bank".split()
+  rng = np.random.default_rng(0)
+  corpus = [" ".join(rng.choice(words, size=rng.integers(3, 20))) + "." for _ in range(200)]
+  tok = tokenizer.train_bpe(corpus, 300)
+  cfg = _cfg(vocab_size=tok.vocab_size, attention_pattern=("dense",))
+  params = _init(cfg, 21)
+  return cfg, params, tok, speculative.Draft(cfg, _noisy(params, 22, 0.1), tokens=3)
+
+
+def test_draft_through_sample_evaluate_harness_and_chat(text_pair):
+  cfg, params, tok, draft = text_pair
+  contexts = ["the cat sat", "a quick brown fox jumps over the"]
+  ids = [tok.encode(c) for c in contexts]
+  kw = dict(max_new_tokens=N, temperature=0.0)
+  stats = {}
+  assert sample.generate(cfg, params, ids, draft=draft, stats=stats, **kw) == sample.generate(
+    cfg, params, ids, **kw
+  )
+  assert 0 < stats["acceptance_rate"] < 1 and 1 < stats["tokens_per_pass"] <= draft.tokens + 1
+  with pytest.raises(ValueError, match="streaming"):
+    sample.generate(cfg, params, ids, draft=draft, on_token=print, **kw)
+  gen = dict(until=["."], max_new_tokens=N, batch_size=2)
+  plain_texts = evaluate.generate_texts(cfg, params, tok, ids, **gen)
+  assert evaluate.generate_texts(cfg, params, tok, ids, draft=draft, **gen) == plain_texts
+  requests = [types.SimpleNamespace(args=(c, {"until": ["."], "max_gen_toks": N})) for c in contexts]
+  lm = lambda d: harness.GptJaxLM(model_cfg=cfg, params=params, tokenizer=tok, draft=d)  # noqa: E731
+  assert lm(draft).generate_until(requests) == lm(None).generate_until(requests) == plain_texts
+  history = ["the dog sat on the mat"]
+  reply = chat.respond(chat.Model(cfg, params, tok), history, temperature=0.0, max_new_tokens=N)
+  assert (
+    chat.respond(chat.Model(cfg, params, tok, draft), history, temperature=0.0, max_new_tokens=N) == reply
+  )
+
+
+def test_refuses_another_tokenizer_and_bad_draft_arguments(text_pair):
+  cfg, params, tok, _ = text_pair
+  other = tokenizer.train_bpe(["an entirely different corpus of words, numbers 1 2 3."] * 50, 300)
+  with pytest.raises(
+    errors.UserError, match=r"^the draft's tokenizer \(fingerprint \w+\) is not the target's"
+  ):
+    speculative.check_pair(cfg, cfg, tok, other)
+  with pytest.raises(errors.UserError, match=r"^give at most one of --draft_workdir or --draft_hf_dir$"):
+    speculative.load_draft(cfg, tok, workdir="a", hf_dir="b")
+  assert speculative.load_draft(cfg, tok) is None
+  with pytest.raises(errors.UserError, match=r"^--draft_tokens=0 must be an integer >= 1$"):
+    speculative.load_draft(cfg, tok, workdir="a", draft_tokens=0)
+  with pytest.raises(errors.UserError, match=r"^draft_tokens=2.5 must be an integer >= 1$"):
+    speculative.Draft(cfg, params, 2.5)
