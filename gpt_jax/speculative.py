@@ -343,6 +343,8 @@ def load_draft(
     return None
   check_draft_tokens(draft_tokens, "--draft_tokens")
   quantize.check_weights(weights)
+  if hf_dir and not loading.is_hf_dir(hf_dir):
+    raise UserError(f"--draft_hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
   cfg, params, tok = loading.load_for_inference(
     workdir=workdir or None, hf_dir=hf_dir or None, weights=weights
   )
