@@ -3,7 +3,8 @@
 Layouts
 - Training workdir: `config.json` (the resolved config), `tokenizer/`,
   `checkpoints/<step>/{state,data,meta}` (Orbax CheckpointManager items:
-  TrainState, grain iterator state per process, JSON metadata).
+  TrainState, the data iterator's state as one JSON for all processes (its
+  global position: loader.ElasticIterator), JSON metadata).
 - Params export (`python -m gpt_jax.convert --out=DIR`): `config.json`,
   `params/` (Orbax), optional `tokenizer/`.
 This module only reads and writes them with Orbax; loading.py finds which
@@ -12,7 +13,6 @@ kind a path is (or a Hugging Face folder) and builds what to restore into.
 
 from __future__ import annotations
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -69,8 +69,22 @@ def make_manager(workdir, config) -> ocp.CheckpointManager:
 def save(manager, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
   args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
   if data_iter is not None:
-    args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    # One JSON, written by process 0: the iterator's state is global (the
+    # same on every process), so it restores under any process count.
+    args["data"] = ocp.args.JsonSave(data_iter.get_state())
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def _check_data_state(manager, step: int) -> None:
+  """Refuses a checkpoint whose data item is grain's per-process state (written before the global one)."""
+  data_dir = epath.Path(manager.directory) / str(step) / "data"
+  legacy = sorted(p.name for p in data_dir.glob("process_*-of-*.json")) if data_dir.exists() else []
+  if legacy:
+    raise UserError(
+      f"checkpoint {data_dir.parent} holds a per-process grain data state ({legacy[0]}, ...) from an older "
+      "gpt_jax, which this one cannot continue; continue it with that version, or start a new --workdir "
+      "with --config.init_from=<this workdir> to keep its params"
+    )
 
 
 def restore_latest(manager, abstract_state, data_iter):
@@ -82,12 +96,16 @@ def restore_latest(manager, abstract_state, data_iter):
   restores is renamed `<step>.unreadable` (kept for inspection, never listed
   again), so the resumed run can save that step anew. When none restores,
   the run stops with UserError and every checkpoint is left as it was.
+  `data_iter` (get_state / set_state of JSON) continues from the restored
+  step's data state; a state it refuses (another data order, or an older
+  gpt_jax's per-process grain state) stops the run in one line.
   """
   failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      _check_data_state(manager, step)
+      args["data"] = ocp.args.JsonRestore()
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
@@ -95,6 +113,8 @@ def restore_latest(manager, abstract_state, data_iter):
       logging.error("checkpoint at step %d cannot be restored (%s); trying the previous one", step, reason)
       failed.append((step, reason))
       continue
+    if data_iter is not None:
+      data_iter.set_state(restored.data)  # Refuses, in one line, a state of another data order.
     if failed:
       _set_aside(manager, [s for s, _ in failed])
     return restored.state, restored.meta, step
