@@ -173,12 +173,13 @@ def _parquet_file(path: Path, text_field: str):
   return pf
 
 
-def _parquet_documents(path: Path, text_field: str, row_groups: Sequence[int] | None) -> Iterator[str]:
+def _parquet_records(path: Path, text_field: str, row_groups: Sequence[int] | None):
   import pyarrow as pa
 
   pf = _parquet_file(path, text_field)
+  group_rows = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
   for g in range(pf.num_row_groups) if row_groups is None else row_groups:
-    row = 0
+    row, first_row = 0, sum(group_rows[:g])
     try:
       for batch in pf.iter_batches(_PARQUET_BATCH_ROWS, row_groups=[g], columns=[text_field]):
         column = batch.column(0)
@@ -192,7 +193,7 @@ def _parquet_documents(path: Path, text_field: str, row_groups: Sequence[int] | 
           for i, raw in enumerate(raws):
             _decode(raw, f"{path}: row group {g} row {row + i}")
           raise
-        yield from (t for t in texts if t)
+        yield from ((first_row + row + i, t) for i, t in enumerate(texts) if t)
         row += len(column)
     except pa.ArrowException as e:
       raise UserError(f"{path}: row group {g}: unreadable ({str(e).splitlines()[0]})") from None
@@ -200,9 +201,12 @@ def _parquet_documents(path: Path, text_field: str, row_groups: Sequence[int] | 
       raise UserError(f"{path}: row group {g}: unreadable ({e})") from None
 
 
-def read_documents(path: Path, text_field: str = "text", *, row_groups: Sequence[int] | None = None):
-  """The non-empty documents of one file, in file order (an iterator of str).
+def read_records(path: Path, text_field: str = "text", *, row_groups: Sequence[int] | None = None):
+  """(record index, text) of the non-empty documents of one file, in file order.
 
+  The record index counts from 0 over the whole file, empty records
+  included: 0 for a text file, the line for .jsonl, the row for .parquet
+  (so a JSONL file and a parquet file of the same records agree).
   row_groups: for .parquet, read only these row groups (see `parts`).
   """
   path = Path(path)
@@ -210,13 +214,18 @@ def read_documents(path: Path, text_field: str = "text", *, row_groups: Sequence
   if kind in TOKEN_SUFFIXES:
     raise UserError(f"{path}: a token file, not text (see open_token_file)")
   if kind in PARQUET_SUFFIXES:
-    return _parquet_documents(path, text_field, row_groups)
+    return _parquet_records(path, text_field, row_groups)
   if kind in TEXT_SUFFIXES:
-    return _text_document(path, kind)
-  return _jsonl_documents(path, kind, text_field)
+    return _text_record(path, kind)
+  return _jsonl_records(path, kind, text_field)
 
 
-def _text_document(path: Path, kind: str) -> Iterator[str]:
+def read_documents(path: Path, text_field: str = "text", *, row_groups: Sequence[int] | None = None):
+  """The non-empty documents of one file, in file order (an iterator of str)."""
+  return (text for _, text in read_records(path, text_field, row_groups=row_groups))
+
+
+def _text_record(path: Path, kind: str) -> Iterator[tuple[int, str]]:
   try:
     if kind == ".txt.gz":
       raw = b"".join(_gzip_lines(path))  # lines of one document, joined back
@@ -225,14 +234,14 @@ def _text_document(path: Path, kind: str) -> Iterator[str]:
   except OSError as e:
     raise _open_error(path, e) from None
   if text := _decode(raw, str(path)):
-    yield text
+    yield 0, text
 
 
-def _jsonl_documents(path: Path, kind: str, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: Path, kind: str, text_field: str) -> Iterator[tuple[int, str]]:
   try:
     for lineno, line in enumerate(_lines(path, kind), 1):
       if line.strip() and (text := _jsonl_text(line, f"{path}:{lineno}", text_field)):
-        yield text
+        yield lineno - 1, text
   except OSError as e:
     raise _open_error(path, e) from None
 
@@ -286,8 +295,13 @@ def parts(files: Sequence[Path], text_field: str = "text") -> list[Part]:
 
 
 def read_part(part: Part, text_field: str = "text") -> Iterator[str]:
+  return (text for _, text in part_records(part, text_field))
+
+
+def part_records(part: Part, text_field: str = "text") -> Iterator[tuple[int, str]]:
+  """(record index in its file, text) of a unit's documents (see read_records)."""
   rg = None if part.row_group is None else [part.row_group]
-  return read_documents(part.path, text_field, row_groups=rg)
+  return read_records(part.path, text_field, row_groups=rg)
 
 
 def host_share(units: Sequence[Part], host: int, num_hosts: int) -> list[Part]:
@@ -321,6 +335,7 @@ class TokenFile:
   offset: int
   count: int
   dtype: str = "uint16"
+  documents: int = -1  # <|endoftext|> ids counted by open_token_file (-1: not counted)
 
   def tokens(self) -> np.memmap:
     if self.count == 0:
@@ -330,6 +345,9 @@ class TokenFile:
 
 def open_token_file(path: Path, vocab_size: int = 50257) -> TokenFile:
   """A nanoGPT raw uint16 .bin or an llm.c .bin shard, checked (header, size, ids < vocab_size).
+
+  The ids are read once, in chunks (about 2 s per GB), to check them and
+  count the documents (<|endoftext|> = vocab_size - 1).
 
   An llm.c header must have the magic, version 1 and a token count that
   matches the file size. A file without the magic is a nanoGPT stream: an
@@ -367,15 +385,17 @@ def open_token_file(path: Path, vocab_size: int = 50257) -> TokenFile:
     if size % 2:
       raise UserError(f"{path}: {size} bytes is not a whole number of uint16 ids (nanoGPT .bin)")
     tf = TokenFile(path, "nanogpt", 0, size // 2)
-  top = max_id(tf.tokens())
+  top, documents = scan(tf.tokens(), vocab_size - 1)
   if top >= vocab_size:
     raise UserError(f"{path}: holds id {top}, outside the tokenizer's {vocab_size} ids (not GPT-2 BPE ids?)")
-  return tf
+  return dataclasses.replace(tf, documents=documents)
 
 
-def max_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
-  """Largest id of a (memory-mapped) token array, read in chunks; -1 if empty."""
-  top = -1
+def scan(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 24) -> tuple[int, int]:
+  """(largest id or -1 if empty, count of eot_id) of a (memory-mapped) token array, read in chunks."""
+  top, count = -1, 0
   for s in range(0, len(tokens), chunk):
-    top = max(top, int(tokens[s : s + chunk].max()))
-  return top
+    part = tokens[s : s + chunk]
+    top = max(top, int(part.max()))
+    count += int(np.count_nonzero(part == eot_id))
+  return top, count

@@ -253,7 +253,7 @@ def build(
     try:
       stems = {s: tmp / shard_name(s, 0, 1) for s in splits}
       stats = write_shards(docs_for_host(0, 1), tokenizer, stems, **write_kw)
-      _check_nonempty(directory, stats)
+      _check_nonempty(meta.get("source", directory.name), stats)
       header = _header(tokenizer, meta, {s: [(stems[s].name, stats[s])] for s in splits}, 0.0)
       header["tokenize_seconds"] = round(time.perf_counter() - start, 2)
       (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
@@ -290,7 +290,8 @@ def build(
           name = shard_name(s, h, num_hosts)
           errors.wait_for(staging / f"{name}.json", f"token shard {name} from host {h}", wait_timeout_s)
           shards[s].append((name, ShardStats(**json.loads((staging / f"{name}.json").read_text()))))
-      _check_nonempty(directory, {s: ShardStats(sum(st.documents for _, st in shards[s])) for s in splits})
+      documents = {s: ShardStats(sum(st.documents for _, st in shards[s])) for s in splits}
+      _check_nonempty(meta.get("source", directory.name), documents)
       header = _header(tokenizer, {**meta, "hosts": num_hosts}, shards, time.perf_counter() - start)
       _write_atomic(staging / "header.json", json.dumps(header, indent=1) + "\n")
       for m in staging.glob("*.json"):
@@ -342,10 +343,10 @@ class _HostErrors:
       time.sleep(0.2)
 
 
-def _check_nonempty(directory: Path, stats: dict[str, ShardStats]) -> None:
+def _check_nonempty(what: str, stats: dict[str, ShardStats]) -> None:
   for split, s in stats.items():
     if s.documents == 0:
-      raise UserError(f"{directory.name}: the {split} split has no documents")
+      raise UserError(f"{what}: the {split} split has no documents")
 
 
 def _write_atomic(path: Path, text: str) -> None:
