@@ -265,8 +265,7 @@ def build(
 
   staging = directory.parent / f".{directory.name}.staging-{num_hosts}"
   staging.mkdir(parents=True, exist_ok=True)
-  errors = _HostErrors(staging, num_hosts)
-  errors.clear(host)
+  errors = _HostErrors(staging, host, num_hosts)
   markers = {s: staging / f"{shard_name(s, host, num_hosts)}.json" for s in splits}
   try:
     if not directory.exists() and not all(m.exists() for m in markers.values()):
@@ -294,12 +293,12 @@ def build(
       _check_nonempty(meta.get("source", directory.name), documents)
       header = _header(tokenizer, {**meta, "hosts": num_hosts}, shards, time.perf_counter() - start)
       _write_atomic(staging / "header.json", json.dumps(header, indent=1) + "\n")
-      for m in staging.glob("*.json"):
+      for m in [*staging.glob("*.json"), *staging.glob("host-*.start")]:
         if m.name != "header.json":
           m.unlink()
       tokenizer_lib.publish_dir(staging, directory)
   except UserError as e:
-    errors.report(host, str(e))  # The other hosts stop waiting and raise it too.
+    errors.report(str(e))  # The other hosts stop waiting and raise it too.
     raise
   errors.wait_for(directory / "header.json", "the token store", wait_timeout_s)
   return json.loads((directory / "header.json").read_text())
@@ -310,25 +309,34 @@ class _HostErrors:
 
   A host whose share is refused (a truncated file, a missing column) writes
   its message there; a host waiting for shards or for the published store
-  raises it at once instead of waiting out its timeout. Each host clears its
-  own file when it starts, so a fixed corpus builds on the next run.
+  raises it at once instead of waiting out its timeout. Each host deletes
+  its own error file when it starts and marks its start (`host-<h>.start`);
+  an error written more than STALE_S before this host's start mark (same
+  filesystem clock) is a failed earlier attempt's, left by a host that has
+  not started again yet, and is ignored.
   """
 
-  def __init__(self, staging: Path, num_hosts: int):
-    self.staging, self.num_hosts = staging, num_hosts
+  STALE_S = 30.0  # Hosts start a source's build within seconds of each other (after the same barrier).
 
-  def clear(self, host: int) -> None:
-    (self.staging / f"host-{host}.error").unlink(missing_ok=True)
+  def __init__(self, staging: Path, host: int, num_hosts: int):
+    self.staging, self.host, self.num_hosts = staging, host, num_hosts
+    (staging / f"host-{host}.error").unlink(missing_ok=True)
+    mark = staging / f"host-{host}.start"
+    mark.touch()
+    self.since = mark.stat().st_mtime - self.STALE_S
 
-  def report(self, host: int, message: str) -> None:
+  def report(self, message: str) -> None:
     if self.staging.exists():
-      _write_atomic(self.staging / f"host-{host}.error", message)
+      _write_atomic(self.staging / f"host-{self.host}.error", message)
 
   def check(self) -> None:
     for h in range(self.num_hosts):
       path = self.staging / f"host-{h}.error"
-      if path.exists():
-        raise UserError(f"host {h} could not build its token shard: {path.read_text()}")
+      try:
+        if path.stat().st_mtime >= self.since:
+          raise UserError(f"host {h} could not build its token shard: {path.read_text()}")
+      except FileNotFoundError:
+        continue
 
   def wait_for(self, path: Path, what: str, timeout_s: float | None) -> None:
     timeout_s = tokenizer_lib.WAIT_TIMEOUT_S if timeout_s is None else timeout_s

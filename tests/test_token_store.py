@@ -1,8 +1,10 @@
 """Token shards: parallel chunked writing equals plain encoding, atomic publishing, multi-host shards."""
 
 import json
+import os
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +181,70 @@ def test_a_bad_corpus_file_publishes_nothing(gpt2, docs, tmp_path):
       tmp_path / "out" / "store", read, gpt2, splits=("train",), chunk_bytes=10_000, progress=False
     )
   assert "\n" not in str(err.value) and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_hosts_refusal_stops_every_host_at_once(gpt2, docs, tmp_path):
+  """Host 1's share holds a bad document: host 1 raises, and host 0, waiting for its shard, raises
+  the same line at once instead of waiting out its timeout; nothing is published."""
+  items = labelled(docs)
+
+  def share(h, n):
+    for item in items[h * len(items) // n : (h + 1) * len(items) // n]:
+      if h == 1:
+        raise UserError("b.jsonl.zst: truncated zstd file (ends inside a frame)")
+      yield item
+
+  target, raised = tmp_path / "store", {}
+
+  def host(h):
+    try:
+      token_store.build(target, share, gpt2, host=h, num_hosts=2, wait_timeout_s=120, progress=False)
+    except UserError as e:
+      raised[h] = str(e)
+
+  start = time.monotonic()
+  threads = [threading.Thread(target=host, args=(h,)) for h in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert time.monotonic() - start < 60
+  assert raised[1] == "b.jsonl.zst: truncated zstd file (ends inside a frame)"
+  assert raised[0] == f"host 1 could not build its token shard: {raised[1]}"
+  assert not target.exists()
+
+  # The corpus fixed, the same command builds a minute later: host 1's error is then a stale one
+  # (older than host 0's start), whether or not host 1 has cleared it yet.
+  error = tmp_path / ".store.staging-2" / "host-1.error"
+  assert error.exists()
+  os.utime(error, (time.time() - 60, time.time() - 60))
+
+  def fixed(h, n):
+    return items[h * len(items) // n : (h + 1) * len(items) // n]
+
+  headers = [None, None]
+  threads = [
+    threading.Thread(
+      target=lambda h=h: headers.__setitem__(
+        h, token_store.build(target, fixed, gpt2, host=h, num_hosts=2, wait_timeout_s=120, progress=False)
+      )
+    )
+    for h in (0, 1)
+  ]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert headers[0] == headers[1] and headers[0]["splits"]["train"]["documents"] == 32
+  assert sorted(p.name for p in target.iterdir() if not p.name.endswith((".bin", ".idx"))) == ["header.json"]
+
+
+def test_parts_estimate_their_text(tmp_path):
+  import gzip
+
+  text = ("some words of a document\n" * 2000).encode()
+  (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text))
+  (tmp_path / "b.txt").write_bytes(text)
+  a, b = formats.parts([tmp_path / "a.txt.gz", tmp_path / "b.txt"])
+  assert a.text_bytes == b.text_bytes == len(text)  # the gzip trailer's ISIZE; a plain file's size
+  assert a.size < len(text) // 10
