@@ -128,8 +128,8 @@ def prepare_cache(data_cfg, tokenizer, workdir: str, *, process_index: int = 0, 
   """The TokenCache of one source (a data.* section) for tokenizer, built once on first use.
 
   In a workdir on a shared filesystem the processes split the documents and
-  each tokenises its share into a shard (a source cut by data.max_documents
-  is built by process 0 alone). With a URL workdir (gs://...) no disk is
+  each tokenises its share into a shard (files cut by data.max_documents,
+  counted from the first file, are built by process 0 alone). With a URL workdir (gs://...) no disk is
   assumed shared: the first process of each host to take the folder's lock
   builds the whole cache (racing hosts on a shared data.data_dir each
   publish a complete copy; one is kept).
@@ -144,7 +144,7 @@ def prepare_cache(data_cfg, tokenizer, workdir: str, *, process_index: int = 0, 
       with _host_lock(directory):
         if not header_path.exists():
           _build_cache(data_cfg, tokenizer, directory)
-    elif process_count > 1 and not data_cfg.max_documents:
+    elif process_count > 1 and not (data_cfg.source == "files" and data_cfg.max_documents):
       _build_cache(data_cfg, tokenizer, directory, host=process_index, num_hosts=process_count)
     elif process_index != 0:
       tokenizer_lib.wait_for(header_path, "the token cache")
