@@ -450,6 +450,7 @@ def _bench(config, workdir: str, f) -> dict:
     texts = data_bench.sample(text for _, text in data_sources.labelled_documents(s.data))
     build = functools.partial(_build_cache, s.data, tok, cache_dir(s.data, workdir), threads=cores)
     r = data_bench.time_build(build, tok, texts, cores)
+    r["peak_rss_GiB"] = data_bench.peak_rss_bytes() / 2**30  # the builds so far, before any window is read
     out["sources"][s.name] = r
     print("\n".join(data_bench.build_lines(s.name, r)))
   it = make_train_iterator(config, tok, workdir, process_index=0, process_count=1)
@@ -460,8 +461,11 @@ def _bench(config, workdir: str, f) -> dict:
   print("\n".join(data_bench.iterator_lines(out["iterator"], f.train_tokens_per_s)))
   out["iterator"]["vs_training"] = out["iterator"]["tokens_per_s"] / f.train_tokens_per_s
   out["peak_rss_GiB"] = data_bench.peak_rss_bytes() / 2**30
+  out["rss_after_iterator_GiB"] = data_bench.rss_now()
   out["load_average_after"] = data_bench.load_average()
-  print(f"peak RSS: {out['peak_rss_GiB']:.2f} GiB; load average: {out['load_average_after']}")
+  now = out["rss_after_iterator_GiB"]
+  split = f" (now {now['anon']:.2f} GiB allocated + {now['file']:.2f} GiB of mapped files)" if now else ""
+  print(f"peak RSS: {out['peak_rss_GiB']:.2f} GiB{split}; load average: {out['load_average_after']}")
   return out
 
 

@@ -27,6 +27,20 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def rss_now() -> dict[str, float]:
+  """GiB resident now: "anon" (allocated by the process) and "file" (mapped files' pages, e.g. the
+  memory-mapped token store's page cache: shared, clean, dropped first under memory pressure). Linux."""
+  out = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(("RssAnon:", "RssFile:")):
+          out[line[3:7].lower()] = int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
+  return out
+
+
 def cpu_seconds() -> float:
   t = os.times()
   return t.user + t.system
@@ -112,6 +126,7 @@ def build_lines(name: str, r: dict) -> list[str]:
     f"{r['single_thread_tokens_per_cpu_s'] / 1e6:.3f}M tokens per CPU-second",
     f"  build / ({r['cores']} cores x single thread): {r['vs_cores_x_single']:.2f}; tokens per CPU-second: "
     f"{r['tokens_per_cpu_s'] / 1e6:.3f}M, build / single thread: {r['cpu_efficiency']:.2f}",
+    f"  peak RSS so far: {r['peak_rss_GiB']:.2f} GiB",
   ]
 
 
