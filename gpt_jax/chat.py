@@ -21,9 +21,10 @@ summing the log-probabilities of everything after the candidate; the same
 history turns are scored for every candidate, so the sums are comparable.
 
 Reading a terminal, the chat prompts with "you> " and answers with "bot> ";
-reading a pipe, it prints one reply per input line and nothing else. An
-empty line is skipped; "/reset" forgets the history; "/quit" or end of input
-exits.
+reading a pipe, it prints one reply per input line and nothing else. A reply
+is always one line: the line breaks a model trained on verse or scripts
+produces are shown as " / " (the history keeps them). An empty line is
+skipped; "/reset" forgets the history; "/quit" or end of input exits.
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ def respond(
   return texts[best], {"candidates": texts, "scores": scores.tolist() if bwd is not None else None}
 
 
+def one_line(text: str) -> str:
+  """A reply on one line: its non-blank lines joined by " / "."""
+  return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def trim_history(history: list[str], tok, block_size: int) -> list[str]:
   """Drops the oldest turns that no longer fit in the context (they would be cut anyway)."""
   lengths = [len(tok.encode(t)) + 1 for t in history]
@@ -198,9 +204,9 @@ def chat_loop(fwd: Model, lines, out, *, bwd=None, interactive=False, show_candi
     reply, info = respond(fwd, history, bwd=bwd, seed=seed + n, **kw)
     if show_candidates and info["scores"] is not None:
       for cand, score in sorted(zip(info["candidates"], info["scores"]), key=lambda x: -x[1]):
-        print(f"  [{score:9.3f}] {cand}", file=sys.stderr)
+        print(f"  [{score:9.3f}] {one_line(cand)}", file=sys.stderr)
     history = trim_history([*history, reply], fwd.tok, fwd.cfg.block_size)
-    print(("bot> " if interactive else "") + reply, file=out, flush=True)
+    print(("bot> " if interactive else "") + one_line(reply), file=out, flush=True)
 
 
 def _terminal_lines():
@@ -224,7 +230,9 @@ def _define_flags():
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
   flags.DEFINE_integer("max_new_tokens", 64, "Longest reply, in tokens (at most half the context).")
   flags.DEFINE_integer("seed", 0, "Sampling seed (turn n uses seed + n).")
-  flags.DEFINE_bool("show_candidates", False, "Print the MMI candidates and their scores to stderr.")
+  flags.DEFINE_bool(
+    "show_candidates", False, "Print the MMI candidates to stderr, one per line with its score."
+  )
   flags.mark_flag_as_required("workdir")
 
 

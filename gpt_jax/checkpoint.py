@@ -13,13 +13,20 @@ kind a path is (or a Hugging Face folder) and builds what to restore into.
 
 from __future__ import annotations
 
+import json
+
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-from gpt_jax import paths
+from gpt_jax import integrity, paths
 from gpt_jax.errors import UserError
+
+CHECKSUMS_FILE = "checksums.json"  # A params export's sealed checksums, beside params/.
+META_FILE = "meta/metadata"  # A training checkpoint's JSON meta item (its checksums), beside state/.
 
 # ----------------------------------------------------------- training state
 
@@ -67,11 +74,20 @@ def make_manager(workdir, config) -> ocp.CheckpointManager:
 
 
 def save(manager, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
+  """Saves state + data position + `meta`, sealed with the state's checksums (integrity.py).
+
+  Raises integrity.NonFiniteState, writing nothing, for a state holding NaN or
+  inf: the checksums and that check are one jitted pass over the state, on
+  its devices, before Orbax copies it to the host.
+  """
+  # The data iterator's state is global (the same on every process), so it is one JSON, written by
+  # process 0, that restores under any process count; the meta item seals its digest.
+  data_state = data_iter.get_state() if data_iter is not None else None
+  extra = {"data": integrity.json_digest(data_state)} if data_iter is not None else {}
+  meta = integrity.sealed_meta(state, meta, f"step {step}", **extra)
   args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
   if data_iter is not None:
-    # One JSON, written by process 0: the iterator's state is global (the
-    # same on every process), so it restores under any process count.
-    args["data"] = ocp.args.JsonSave(data_iter.get_state())
+    args["data"] = ocp.args.JsonSave(data_state)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
@@ -85,6 +101,30 @@ def _check_data_state(manager, step: int) -> None:
       "gpt_jax, which this one cannot continue; continue it with that version, or start a new --workdir "
       "with --config.init_from=<this workdir> to keep its params"
     )
+
+
+def _agree(reason: str | None) -> str | None:
+  """Every process takes the first failing process's reason (each checks only what it read)."""
+  if jax.process_count() == 1:
+    return reason
+  text = np.zeros(512, np.uint8)
+  encoded = (reason or "").encode()[:512]
+  text[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(text)).reshape(jax.process_count(), -1)
+  failed = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every if row.any()]
+  return failed[0] if failed else None
+
+
+def _restore_verified(manager, step: int, args: dict, data_iter):
+  """(restored items, meta) or raises: Orbax's error, or CorruptCheckpoint."""
+  with integrity.quiet_restore():
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  meta, record = integrity.unseal(restored.meta)
+  integrity.verify(restored.state, record)
+  if record is not None and data_iter is not None and "data" in record:
+    if integrity.json_digest(restored.data) != record["data"]:
+      raise integrity.CorruptCheckpoint("the data-iterator state differs from its digest")
+  return restored, meta
 
 
 def restore_latest(manager, abstract_state, data_iter):
@@ -106,10 +146,18 @@ def restore_latest(manager, abstract_state, data_iter):
     if data_iter is not None:
       _check_data_state(manager, step)
       args["data"] = ocp.args.JsonRestore()
+    reason = None
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**args))
+      restored, meta = _restore_verified(manager, step, args, data_iter)
+    except integrity.CorruptCheckpoint as e:
+      reason = f"CorruptCheckpoint: {e}"
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      reason = integrity.restore_error_line(e)
+    # A process whose own reads failed (an error, its data state) fails the step on every
+    # process. (An Orbax error raised before Orbax's post-restore barrier leaves the other
+    # processes waiting at that barrier until its timeout, then they fail too.)
+    reason = _agree(reason)
+    if reason is not None:
       logging.error("checkpoint at step %d cannot be restored (%s); trying the previous one", step, reason)
       failed.append((step, reason))
       continue
@@ -117,7 +165,7 @@ def restore_latest(manager, abstract_state, data_iter):
       data_iter.set_state(restored.data)  # Refuses, in one line, a state of another data order.
     if failed:
       _set_aside(manager, [s for s, _ in failed])
-    return restored.state, restored.meta, step
+    return restored.state, meta, step
   if failed:
     step, reason = failed[0]
     raise UserError(
@@ -129,8 +177,6 @@ def restore_latest(manager, abstract_state, data_iter):
 
 def _set_aside(manager, steps) -> None:
   """Renames unreadable step directories to `<step>.unreadable[.N]` (process 0; all wait)."""
-  from jax.experimental import multihost_utils
-
   if jax.process_index() == 0:
     for step in steps:
       src = epath.Path(manager.directory) / str(step)
@@ -154,11 +200,26 @@ def save_params(directory, config, params, tokenizer=None) -> None:
     raise UserError(f"output directory {directory} is not empty; refusing to overwrite it")
   directory.mkdir(parents=True, exist_ok=True)
   paths.write_config(directory / paths.CONFIG_FILE, config)
+  write_params(directory, params)
+  if tokenizer is not None:
+    tokenizer.save(str(directory / "tokenizer"))
+
+
+def write_params(directory, params) -> None:
+  """`directory`/params/ (Orbax), then `directory`/checksums.json: a params export's arrays.
+
+  Raises integrity.NonFiniteState, writing nothing, when a leaf holds NaN or inf.
+  """
+  directory = paths.absolute(directory)
+  sealed = integrity.sealed_meta(params, {}, f"params export {directory}")
+  integrity.quiet_orbax_logs()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / "params", params)
     ckptr.wait_until_finished()
-  if tokenizer is not None:
-    tokenizer.save(str(directory / "tokenizer"))
+  if jax.process_index() == 0:  # Last: an export without it is an old one (not verified).
+    tmp = directory / (CHECKSUMS_FILE + ".tmp")
+    tmp.write_text(json.dumps(sealed, indent=1, sort_keys=True))
+    tmp.replace(directory / CHECKSUMS_FILE)
 
 
 def latest_step_dir(path: epath.Path):
@@ -179,16 +240,43 @@ def latest_step_dir(path: epath.Path):
 def restore_params(item_dir: epath.Path, abstract, *, in_state: bool):
   """Params restored into `abstract` (ShapeDtypeStructs, with target shardings where given)
   from a params export's `params/` or, `in_state`, from a training state item (partial
-  restore: the optimiser state is not read)."""
+  restore: the optimiser state is not read), quietly, and verified against the stored
+  checksums. A failure or mismatch is one UserError line naming the array."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
   item, args = ({"params": abstract}, {"params": restore_args}) if in_state else (abstract, restore_args)
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with integrity.quiet_restore(), ocp.PyTreeCheckpointer() as ckptr:
       restored = ckptr.restore(
         item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
       )
-  except Exception as e:  # noqa: BLE001
-    raise UserError(
-      f"cannot restore params from {item_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
-    ) from e
-  return restored["params"] if in_state else restored
+  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one line
+    raise UserError(f"cannot restore params from {item_dir}: {integrity.restore_error_line(e)}") from None
+  params = restored["params"] if in_state else restored
+  _check_restored(item_dir, abstract, params)
+  # The checksums: the training checkpoint's meta item (paths "params/..." as restored
+  # here), or the export's checksums.json.
+  sealed = epath.Path(item_dir).parent / (META_FILE if in_state else CHECKSUMS_FILE)
+  record = None
+  try:
+    if sealed.exists():
+      _, record = integrity.unseal(json.loads(sealed.read_text()))
+    else:
+      logging.warning("%s was written without checksums: its values are not verified", item_dir)
+    integrity.verify(restored, record)
+  except (integrity.CorruptCheckpoint, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise integrity.CorruptCheckpoint(f"cannot restore params from {item_dir}: {e}") from None
+  return params
+
+
+def _check_restored(item_dir, abstract, params) -> None:
+  """Orbax checks shapes only for targets with a sharding; without one it returns the stored
+  shape, and a partial restore returns a missing leaf as its ShapeDtypeStruct: both are refused."""
+
+  def check(path, want, got):
+    where = f"cannot restore params from {item_dir}: {jax.tree_util.keystr(path)}"
+    if isinstance(got, jax.ShapeDtypeStruct):
+      raise UserError(f"{where} is not in the checkpoint")
+    if tuple(got.shape) != tuple(want.shape):
+      raise UserError(f"{where} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+
+  jax.tree_util.tree_map_with_path(check, abstract, params)

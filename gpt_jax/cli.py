@@ -43,10 +43,46 @@ def _root_cause(e: BaseException) -> BaseException:
   return e
 
 
+def _cannot_load(name: str, filename: str, e: BaseException) -> str:
+  cause = _root_cause(e)
+  detail = str(cause).strip().splitlines()[-1].strip() if str(cause).strip() else ""
+  return f"--{name}={filename}: cannot load it ({type(cause).__name__}: {detail})"
+
+
+class _ConfigFileError(Exception):
+  """A config file that failed to load, carried out of absl's flag parsing unchanged."""
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """config_flags' file parser, except that any failure to load the file leaves absl as
+  _ConfigFileError: absl turns a TypeError / ValueError (from get_config, or a file without
+  one) into "Error whilst parsing config file:" and lets the rest (a syntax error, a failed
+  import, a NameError) through as a traceback; a KeyError would read as an unknown override."""
+
+  def __init__(self, name: str, inner: flags.ArgumentParser):
+    self.name, self.inner = name, inner
+
+  def parse(self, argument):
+    try:
+      return self.inner.parse(argument)
+    except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
+      raise _ConfigFileError(_cannot_load(self.name, argument, e)) from e
+
+  def flag_type(self):
+    return self.inner.flag_type()
+
+
 def parse(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
   """Parses argv into flag_values; a bad flag, config file or override raises UserError (one line)."""
+  config_names = [name for name in list(flag_values) if is_config_flag(flag_values[name])]
+  for name in config_names:
+    flag = flag_values[name]
+    if not isinstance(flag.parser, _ConfigFileParser):
+      flag.parser = _ConfigFileParser(name, flag.parser)
   try:
     rest = flag_values(argv)
+  except _ConfigFileError as e:
+    raise UserError(str(e)) from None
   except flags.Error as e:
     raise UserError(str(e).splitlines()[0]) from None
   except (AttributeError, KeyError) as e:  # An override naming a field the config file lacks.
@@ -55,16 +91,13 @@ def parse(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
     raise UserError(f"{bad[0] if bad else key}: no such config field (see configs/base.py)") from None
   except (TypeError, ValueError) as e:
     raise UserError(f"bad command-line value: {e}") from None
-  for name in list(flag_values):
+  for name in config_names:
     flag = flag_values[name]
-    if is_config_flag(flag) and flag.present:
+    if flag.present:
       try:
-        flag.value.keys()  # Loading errors surface on first access.
+        flag.value.keys()  # A missing file surfaces on first access (config_flags defers it).
       except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
-        cause = _root_cause(e)
-        detail = str(cause).strip().splitlines()[-1].strip() if str(cause).strip() else ""
-        filename = config_flags.get_config_filename(flag)
-        raise UserError(f"--{name}={filename}: cannot load it ({type(cause).__name__}: {detail})") from None
+        raise UserError(_cannot_load(name, config_flags.get_config_filename(flag), e)) from None
   return rest
 
 

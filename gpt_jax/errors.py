@@ -44,7 +44,7 @@ def positive_int(config, *fields) -> None:
 def non_negative(config, *fields) -> None:
   for f in fields:
     v = get(config, f)
-    if not _number(v) or v < 0:
+    if not _number(v) or not v >= 0:  # NaN too: it compares false both ways.
       fail(f, v, "must be a number >= 0")
 
 

@@ -58,6 +58,7 @@ class Score(NamedTuple):
   logprob: float  # sum of log P(continuation token | everything before it), nats
   num_tokens: int
   is_greedy: bool  # every continuation token is the argmax of its distribution
+  greedy_ids: tuple[int, ...] = ()  # the argmax at each continuation position (teacher-forced)
 
 
 def length_bucket(length: int, block_size: int) -> int:
@@ -67,14 +68,14 @@ def length_bucket(length: int, block_size: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _program(cfg, mesh):
-  """Jitted (params, inputs_BT, targets_BT) -> (log P(target) [B, T], target is argmax [B, T])."""
+  """Jitted (params, inputs_BT, targets_BT) -> (log P(target) [B, T], argmax id [B, T])."""
   model = model_lib.GPT(cfg)
 
   def fn(params, inputs_BT, targets_BT):
     logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=True)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[:, :, None], axis=-1)[:, :, 0]
     logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-    return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return logp_BT, jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
 
   if mesh is None:
     return jax.jit(fn)
@@ -147,13 +148,15 @@ def score_requests(
   fn = _program(model_config.of(model_cfg), mesh)
 
   def collect(batch, out):
-    logp_BT, greedy_BT = (np.asarray(x) for x in out)
+    logp_BT, argmax_BT = (np.asarray(x) for x in out)
     for b, i in enumerate(batch):
       tokens, num_cont = rows[i]
       end = len(tokens) - 1
       span = slice(end - num_cont, end)
       logprob = float(np.sum(logp_BT[b, span], dtype=np.float64))
-      scores[i] = Score(logprob, num_cont, bool(greedy_BT[b, span].all()))
+      greedy = argmax_BT[b, span]
+      is_greedy = bool(np.array_equal(greedy, tokens[end - num_cont + 1 : end + 1]))
+      scores[i] = Score(logprob, num_cont, is_greedy, tuple(int(t) for t in greedy))
 
   # Each request runs at its own bucket's length, whatever else is scored.
   by_bucket: dict[int, list[int]] = {}
@@ -286,7 +289,10 @@ def _run_perplexity(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
     num_bytes=int(num_bytes.sum()),
     num_documents=len(docs),
   )
-  samples = [{"nll": float(a), "num_tokens": int(b)} for a, b in zip(nll, num_tokens)]
+  samples = [
+    {"text": t, "nll": float(a), "num_tokens": int(b), "perplexity": math.exp(min(a / max(b, 1), 50.0))}
+    for t, a, b in zip(texts, nll, num_tokens)
+  ]
   return m, samples
 
 
@@ -311,8 +317,11 @@ def _run_last_word(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
   m["num_items"] = len(items)
   samples = [
     {
+      "text": it["text"],
       "prompt": p,
       "word": eval_tasks.last_word_split(it["text"])[1],
+      "prediction": job.tok.decode(list(s.greedy_ids)),  # Greedy, token by token, given the word's prefix.
+      "correct": s.is_greedy,
       "logprob": s.logprob,
       "is_greedy": s.is_greedy,
     }
@@ -358,7 +367,16 @@ def _run_multiple_choice(job: _Job, items, shots_for) -> tuple[dict, list[dict]]
     # acc_norm divides by the continuation's UTF-8 bytes (tokenizer-independent
     # length); acc_per_token by its token count (GPT-3 §2.4).
     preds = {"acc": ll, "acc_norm": ll / nbytes, "acc_per_token": ll / ntok}
-    sample = {"loglikelihoods": ll.tolist(), "num_tokens": ntok.astype(int).tolist(), "label": item["label"]}
+    contexts = item["contexts"]
+    sample = {
+      **({"context": contexts[0]} if len(set(contexts)) == 1 else {"contexts": contexts}),
+      "choices": list(item["continuations"]),
+      "label": item["label"],
+      "prediction": int(np.argmax(ll)),
+      "correct": bool(int(np.argmax(ll)) == item["label"]),
+      "loglikelihoods": ll.tolist(),
+      "num_tokens": ntok.astype(int).tolist(),
+    }
     if uncond:
       ll_uncond = np.array([s.logprob for s in uncond_scores[k : k + c]])
       preds["acc_uncond"] = ll - ll_uncond
@@ -407,7 +425,16 @@ def _run_generate(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
   eval_tasks.with_stderr(m, "f1", eval_tasks.mean_stderr(f1))
   m["num_items"] = len(items)
   samples = [
-    {"prompt": p, "generation": t, "exact_match": e, "f1": f} for p, t, e, f in zip(prompts, texts, em, f1)
+    {
+      "context": it["context"],
+      "answers": list(it["answers"]),
+      "prompt": p,
+      "generation": t,
+      "correct": e == 1.0,
+      "exact_match": e,
+      "f1": f,
+    }
+    for it, p, t, e, f in zip(items, prompts, texts, em, f1)
   ]
   return m, samples
 

@@ -44,7 +44,19 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax import checkpoint, cli, hf, loading, model, model_config, paths, pretrain, sharding, train
+from gpt_jax import (
+  checkpoint,
+  cli,
+  examples,
+  hf,
+  loading,
+  model,
+  model_config,
+  paths,
+  pretrain,
+  sharding,
+  train,
+)
 from gpt_jax import config as config_lib
 from gpt_jax import finetune_data as fd
 from gpt_jax import finetune_heads as heads
@@ -61,9 +73,7 @@ BEST_FILE = "best.json"
 
 
 def _write_export(directory: Path, config, params, tok, record: dict) -> None:
-  """The best params as a params export: config.json, params/ (Orbax), tokenizer/, best.json."""
-  import orbax.checkpoint as ocp
-
+  """The best params as a params export: config.json, params/ + checksums.json, tokenizer/, best.json."""
   final = directory / BEST_DIR
   tmp = directory / f".{BEST_DIR}.tmp-{record['step']}"
   if jax.process_index() == 0:
@@ -71,9 +81,7 @@ def _write_export(directory: Path, config, params, tok, record: dict) -> None:
     tmp.mkdir(parents=True)
     paths.write_config(tmp / paths.CONFIG_FILE, config)
     tok.save(str(tmp / "tokenizer"))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp / "params", params)
-    ckptr.wait_until_finished()
+  checkpoint.write_params(tmp, params)
   if jax.process_index() == 0:
     (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
     # Swap in two renames: a crash leaves either the old best/ or the new
@@ -149,20 +157,26 @@ def pretrained_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 
 
 def _run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-  """The pretrained model's tokenizer, pinned in <workdir>/tokenizer/ (a random init: config.data's)."""
+  """The pretrained model's tokenizer (a random init: config.data's), checked against the one the
+  workdir pinned; written there only by `_pin_tokenizer`, once nothing can refuse the run (one
+  process: several wait for process 0's files, so a multi-process run pins it at once)."""
   fc = config.finetune
   if not fc.pretrained:
-    return tokenizer_lib.for_run(config, workdir)
+    return tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   tok = pretrained_tokenizer(fc.pretrained)
   pinned = Path(workdir) / "tokenizer"
   if (pinned / tokenizer_lib.META_FILE).exists():
     if tokenizer_lib.load_dir(str(pinned)).fingerprint != tok.fingerprint:
       raise UserError(f"{pinned} holds another tokenizer than {fc.pretrained}; use a new --workdir")
-  elif jax.process_index() == 0:
+  return tok
+
+
+def _pin_tokenizer(tok, workdir: str) -> None:
+  pinned = Path(workdir) / "tokenizer"
+  if jax.process_index() == 0 and not (pinned / tokenizer_lib.META_FILE).exists():
     tmp = tokenizer_lib.tmp_dir_for(pinned)
     tok.save(str(tmp))
     tokenizer_lib.publish_dir(tmp, pinned)
-  return tok
 
 
 def finetune_model_config(config):
@@ -288,6 +302,8 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
       meta={"tokenizer": tok.fingerprint, "finetune_task": fc.task},
       tokens_per_example=num_seqs * seq_len,
       initial_params=_initial_params(config, base_vocab, mesh, fc),
+      next_steps=next_steps(fc, workdir),
+      pin=lambda: _pin_tokenizer(tok, workdir),
     )
     if fc.task == "dialogue":
       return train.Task(
@@ -338,6 +354,18 @@ def _make_task_fn(config, tok, base_vocab: int, prepared, steps_per_epoch: int):
   return task_fn
 
 
+def next_steps(fc, workdir: str) -> tuple[str, ...]:
+  """Commands to run on a finished fine-tuning run, its workdir filled in."""
+  w = paths.display(workdir)
+  if fc.task == "dialogue":
+    return (
+      f'python -m gpt_jax.chat --workdir={w} --once "What news?"',
+      f"python -m gpt_jax.chat --workdir={w}",
+    )
+  data = fc.eval_path or "FILE.csv"
+  return (f"python -m gpt_jax.finetune --workdir={w} --predict={data}",)
+
+
 def run(config, workdir: str) -> dict:
   """Fine-tunes config.finetune.pretrained (or config.init_from) in workdir; resumes like train.run.
 
@@ -362,7 +390,6 @@ def run(config, workdir: str) -> dict:
     raise ConfigError(
       f"config.finetune.max_len={fc.max_len} exceeds model.block_size={config.model.block_size}"
     )
-  os.makedirs(workdir, exist_ok=True)
   tok = _run_tokenizer(config, workdir)
   if tok.vocab_size > base_vocab:
     raise UserError(f"the tokenizer has {tok.vocab_size} ids but the model only {base_vocab}")
@@ -379,6 +406,8 @@ def run(config, workdir: str) -> dict:
       config.eval.every_steps = steps_per_epoch
     if fc.warmup_fraction > 0:
       config.optim.warmup_steps = max(1, round(fc.warmup_fraction * config.train.num_steps))
+    # At least ~20 points on the training curves of a short fine-tune.
+    config.log.every_steps = max(1, min(config.log.every_steps, config.train.num_steps // 20))
   logging.info(
     "fine-tuning %s: %d training examples (%d sequence(s) of %d tokens each), %d eval examples, "
     "%d steps of %d (%d per epoch), warmup %d",
@@ -481,6 +510,12 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
+  if F.make_example:
+    for path in examples.write(F.make_example):
+      print(f"wrote {path}", flush=True)
+    return
+  if not F.workdir:
+    raise UserError("give --workdir=DIR (the run to train in or to predict with)")
   if F.predict:
     rows, summary = predict(F.workdir, F.predict, batch_size=F.batch_size)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -510,5 +545,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("predict", "", "Predict labels for the rows of this .jsonl / .csv / .tsv file.")
   flags.DEFINE_string("output", "", "Write predictions here (JSONL); default stdout.")
   flags.DEFINE_integer("batch_size", 32, "Rows per prediction batch.")
-  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_string(
+    "make_example", "", "Write example tasks from the default corpus into this folder (gpt_jax/examples.py)."
+  )
   cli.run(main)

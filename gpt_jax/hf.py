@@ -218,9 +218,10 @@ def from_hf(hf_dir, *, scan_layers: bool = False) -> tuple[ml_collections.Config
   hf_dir = Path(hf_dir)
   if not hf_dir.is_dir():
     raise UserError(f"{hf_dir}: not a directory (expected a Hugging Face GPT-2 folder)")
+  # The weights first: a folder holding only a pickle checkpoint is named as such, whatever else it lacks.
+  where, files = _weight_files(hf_dir)
   config_path = hf_dir / CONFIG_FILE
   m = model_config_from_hf(_read_json(config_path), config_path, scan_layers=scan_layers)
-  where, files = _weight_files(hf_dir)
 
   # Stored names may carry GPT2LMHeadModel's "transformer." prefix (GPT2Model's do not).
   stored = {}

@@ -57,6 +57,25 @@ def abstract_params(model_cfg, shardings=None):
   return abstract
 
 
+def check_params_source(path, model_cfg, field: str = "config.init_from") -> None:
+  """Refuses, reading configs only, a params source that is missing or holds another model shape
+  (the arrays themselves are checked when they load)."""
+  p = paths.absolute(path)
+  if not p.exists():
+    raise UserError(f"{field}={path!r} does not exist")
+  if is_hf_dir(p):
+    theirs = hf.model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
+  else:
+    theirs = run_config(p).model
+  diffs = [
+    f"model.{f}: {theirs.get(f)!r} there, {model_cfg[f]!r} here"
+    for f in model_config.SHAPE_FIELDS
+    if theirs.get(f) != model_cfg[f]
+  ]
+  if diffs:
+    raise UserError(f"{field}={path!r} holds another model shape ({'; '.join(diffs)})")
+
+
 def load_params(path, *, shardings=None):
   """(config, params) from a params export, a training workdir / step dir, or an HF folder.
 
@@ -90,8 +109,9 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
 
   `workdir`: a gpt_jax training workdir or params export (tokenizer from its
   tokenizer/ folder); `hf_dir`: a local Hugging Face GPT-2 folder (tokenizer
-  from its vocab.json + merges.txt). Params are sharded over all devices by
-  the config's mesh rules (or `mesh_config`).
+  from its vocab.json + merges.txt). A `workdir` that is a Hugging Face
+  folder (an export of ours, say) is read as one. Params are sharded over
+  all devices by the config's mesh rules (or `mesh_config`).
   """
   if (workdir is None) == (hf_dir is None):
     raise UserError("give exactly one of --workdir or --hf_dir")
@@ -100,6 +120,7 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
     raise UserError(f"--hf_dir={hf_dir}: must be a local folder (copy the bucket's files to disk first)")
   if hf_dir is not None and not is_hf_dir(hf_dir):
     raise UserError(f"--hf_dir={hf_dir} is not a Hugging Face GPT-2 folder (config.json with n_embd)")
+  from_hf = hf_dir is not None or (not paths.is_url(path) and is_hf_dir(path))
   config, params = load_params(path)
   mesh_cfg = mesh_config or config.get("mesh")
   if mesh_cfg is not None and len(jax.devices()) > 1:
@@ -108,8 +129,8 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
     params = jax.device_put(
       params, sharding.logical_to_shardings(specs, params, mesh, sharding.rules(config))
     )
-  if hf_dir is not None:
-    tok = tokenizer_lib.from_hf_dir(hf_dir)
+  if from_hf:
+    tok = tokenizer_lib.from_hf_dir(path)
   else:
     tok_dir = paths.absolute(path) / "tokenizer"
     if not tok_dir.exists():

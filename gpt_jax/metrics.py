@@ -17,6 +17,7 @@ from gpt_jax import model as model_lib
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
+CURVES_FILE = "curves.png"
 
 
 def validate(config) -> None:
@@ -79,16 +80,6 @@ def peak_flops(configured: float) -> tuple[float, str]:
   return flops, f"measured float32 matmul peak on {kind or 'cpu'} ({flops / 1e9:.1f} GFLOP/s)"
 
 
-def quiet_library_logs() -> None:
-  """Keeps Orbax's per-save INFO chatter out of the training log (warnings stay)."""
-  import logging as py_logging
-
-  def keep(record):
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-  logging.get_absl_handler().addFilter(keep)
-
-
 class MetricsWriter:
   """metrics.jsonl (one JSON object per record) + TensorBoard scalars, on process 0.
 
@@ -112,6 +103,9 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self.metrics_path = f"{workdir}/{METRICS_FILE}"  # As the user names it (a URL stays one).
+    self.curves_path = ""  # Set once flush() has drawn the curves.
+    self._workdir = workdir
     self._mirror = RunFileMirror(workdir, upload_every_s) if paths.is_url(workdir) else None
     # Where this run's local files go: the workdir, or its local stand-in.
     self.files_dir = self._mirror.local if self._mirror else workdir
@@ -143,6 +137,21 @@ class MetricsWriter:
         self._tb.flush()
       self._upload()
 
+  def flush(self) -> None:
+    """Everything written so far on disk (uploaded, for a URL workdir), and the curves drawn."""
+    if not self.enabled:
+      return
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    try:
+      plot_curves(os.path.join(self.files_dir, METRICS_FILE), os.path.join(self.files_dir, CURVES_FILE))
+      self.curves_path = f"{self._workdir}/{CURVES_FILE}"
+    except Exception as e:  # noqa: BLE001 - a missing plot must never fail a finished run.
+      logging.warning("could not draw %s: %s: %s", CURVES_FILE, type(e).__name__, e)
+    if self._mirror:
+      self._upload()
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
@@ -161,6 +170,58 @@ class MetricsWriter:
       )
 
 
+def read_records(path) -> list[dict]:
+  """The records of a metrics.jsonl (local or URL); lines that are not records are skipped."""
+  p = epath.Path(path)
+  if not p.exists():
+    return []
+  out = []
+  for line in p.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and "step" in record:
+      out.append(record)
+  return out
+
+
+def last_records(workdir: str) -> dict:
+  """Every metric's last logged value in a run's metrics.jsonl ({} without one)."""
+  merged = {}
+  for record in read_records(f"{workdir}/{METRICS_FILE}"):
+    merged.update(record)
+  return merged
+
+
+def plot_curves(metrics_path: str, png_path: str) -> None:
+  """Training and validation loss against the step, with the unigram baseline if logged, as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")  # No display: files only.
+  from matplotlib import pyplot as plt
+
+  records = read_records(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+  for key, label, style in (("loss", "train", "-"), ("eval_loss", "validation", "o-")):
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+    if points:
+      ax.plot(*zip(*points), style, label=label, markersize=4)
+  baseline = [r["unigram_loss"] for r in records if "unigram_loss" in r]
+  if baseline:
+    ax.axhline(baseline[-1], color="gray", linestyle="--", label="unigram baseline")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  tmp = png_path + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, png_path)
+
+
 class RunFileMirror:
   """A URL run directory's appendable files, kept in a local folder and copied up.
 
@@ -169,7 +230,7 @@ class RunFileMirror:
   relative path under the URL.
   """
 
-  NAMES = (METRICS_FILE, SUPERSEDED_FILE, "tensorboard", "profile")
+  NAMES = (METRICS_FILE, SUPERSEDED_FILE, CURVES_FILE, "tensorboard", "profile")
 
   def __init__(self, url: str, every_s: float = 60.0):
     self.url = paths.run_dir(url)

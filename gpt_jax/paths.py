@@ -68,6 +68,15 @@ def local_dir(url: str, *names: str) -> str:
   return os.path.join(root, "gpt_jax", scheme, *rest.split("/"), *names)
 
 
+def display(path) -> str:
+  """A run directory as a user would type it: relative to the current folder when inside it."""
+  p = str(path)
+  if is_url(p):
+    return p
+  rel = os.path.relpath(p)
+  return p if rel.startswith("..") else rel
+
+
 def absolute(path) -> epath.Path:
   """Orbax needs absolute paths (a relative one fails only at save time); a URL stays one."""
   p = str(path)
@@ -81,16 +90,17 @@ def read_config(path) -> ml_collections.ConfigDict:
   """A run's config.json, with the tuple fields of configs/base.py restored (JSON has lists)."""
   path = absolute(path)
   try:
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f"cannot read config {path}: {e}") from e
-  if "model" in config:
-    config.model.attention_pattern = tuple(config.model.attention_pattern)
-  if "mesh" in config:
-    config.mesh.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in config.mesh.rules)
-  if "eval" in config:
-    config.eval.tasks = tuple(config.eval.tasks)
-  return config
+  # Before the ConfigDict is made: it keeps a field's first type, turning a tuple assigned later into a list.
+  if "model" in raw:
+    raw["model"]["attention_pattern"] = tuple(raw["model"]["attention_pattern"])
+  if "mesh" in raw:
+    raw["mesh"]["rules"] = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in raw["mesh"]["rules"])
+  if "eval" in raw:
+    raw["eval"]["tasks"] = tuple(raw["eval"]["tasks"])
+  return ml_collections.ConfigDict(raw)
 
 
 def write_config(path, config) -> None:

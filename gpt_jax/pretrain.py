@@ -9,15 +9,17 @@ benchmark to compile exactly the step `run` trains with.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import shlex
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 
 from gpt_jax import config as config_lib
-from gpt_jax import data, errors, eval_tasks, evaluate, model, sample, sharding, train
+from gpt_jax import data, errors, eval_tasks, evaluate, model, paths, sample, sharding, train
 from gpt_jax import tokenizer as tokenizer_lib
 
 
@@ -85,7 +87,9 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
   """Language-model pretraining on config.data with the run's tokenizer."""
   del mesh  # Batches are assembled onto the mesh by train.run.
   check_run_inputs(config)
-  tok = tokenizer_lib.for_run(config, workdir)  # Refuses a vocabulary larger than the model's.
+  # Refuses a vocabulary larger than the model's. Written to the workdir by Task.pin, once
+  # nothing can refuse the run (at once with several processes: the others wait for its files).
+  tok = tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   pi, pc = jax.process_index(), jax.process_count()
   train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
   eval_bs = config.eval.batch_size or config.train.batch_size
@@ -119,12 +123,6 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
 
   def finish(params):
     main = jax.process_index() == 0
-    if main:
-      for source in data.sources(config):
-        baseline = data.unigram_loss(source.data, tok, workdir)
-        which = f"validation {source.name}" if config.data.mixture else "validation"
-        logging.info("unigram baseline on the %s tokens: %.4f nats/token", which, baseline)
-        print(f"unigram baseline ({which}): {baseline:.4f} nats/token", flush=True)
     s = config.sample
     if s.num_samples > 0:
       # Every process samples: the parameters are sharded over all of them.
@@ -142,10 +140,55 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
       )
       for i, text in enumerate(texts if main else []):
         print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
+    if not main:
+      return None
+    # What a model that learnt only token frequencies scores: the number to beat. A mixture's is
+    # per source, and overall the mean weighted by validation tokens, as eval_loss is.
+    out, total, weighted = {}, 0, 0.0
+    for source in data.sources(config):
+      baseline = data.unigram_loss(source.data, tok, workdir)
+      n = max(len(data.prepare_cache(source.data, tok, workdir).tokens("validation")) - 1, 1)
+      total, weighted = total + n, weighted + n * baseline
+      if config.data.mixture:
+        out[f"unigram/{source.name}/loss"] = baseline
+    baseline = weighted / total
+    out.update(unigram_loss=baseline, unigram_perplexity=math.exp(min(baseline, 50.0)))
+    return out
 
-  return _task(
+  task = _task(
     config, tok.eot_id, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish
   )
+  return dataclasses.replace(
+    task,
+    next_steps=next_steps(config, workdir),
+    pin=lambda: tokenizer_lib.pin_tokenizer(tok, config, workdir),
+  )
+
+
+def next_steps(config, workdir: str) -> tuple[str, ...]:
+  """Commands to run on the finished run, its workdir filled in."""
+  w = paths.display(workdir)
+  prompt = config.sample.prompt if config.sample.prompt.strip() else "Hello"
+  steps = [f"python -m gpt_jax.sample --workdir={w} --prompt={shlex.quote(prompt)} --top_k=50"]
+  if config.data.source == "shakespeare":
+    # examples.py writes this run's held-out scenes and small tasks made from the plays.
+    steps += [
+      "python -m gpt_jax.finetune --make_example=runs/examples",
+      f"python -m gpt_jax.evaluate --workdir={w} "
+      "--task=perplexity:runs/examples/shakespeare_validation.jsonl",
+      f"python -m gpt_jax.finetune --config=configs/shakespeare_classify.py --workdir=runs/clf "
+      f"--config.init_from={w}",
+    ]
+  else:
+    steps.append(
+      f'python -m gpt_jax.evaluate --workdir={w} --task=perplexity:FILE.jsonl  # lines {{"text": ...}}'
+    )
+  m = config.model
+  if m.norm_position == "pre" and set(m.attention_pattern) == {"dense"}:  # What HF GPT-2 can hold.
+    steps.append(f"python -m gpt_jax.convert --ckpt={w} --to_hf={w}_hf")
+  if config.log.tensorboard:
+    steps.append(f"tensorboard --logdir={w}/tensorboard  # pip install -e .[tensorboard]")
+  return tuple(steps)
 
 
 def run(config, workdir: str) -> dict:

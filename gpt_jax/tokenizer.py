@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import jax
 import tiktoken
 from etils import epath
 
@@ -408,7 +409,7 @@ def _check_request(directory: Path, tok: Tokenizer, data_cfg) -> None:
       )
 
 
-def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokenizer:
+def for_run(config, workdir: str, *, process_index: int | None = None, pin: bool = True) -> Tokenizer:
   """The run's tokenizer, pinned in <workdir>/tokenizer/ on first use.
 
   Later runs, evaluation and sampling from the same workdir load those files,
@@ -416,10 +417,12 @@ def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokeni
   checkpoint. Only process 0 builds and writes; the others wait for the files.
   In a URL workdir (gs://...) the files are written in place, the metadata
   file last, since a bucket has no atomic directory rename.
+
+  `pin=False` (one process only: others would wait for the files) builds a new
+  tokenizer without writing it, so a run refused later leaves no tokenizer/
+  behind; `pin_tokenizer` writes it once nothing can refuse the run.
   """
   if process_index is None:
-    import jax
-
     process_index = jax.process_index()
   workdir = run_dir(workdir)
   directory = epath.Path(workdir) / "tokenizer"
@@ -427,22 +430,36 @@ def for_run(config, workdir: str, *, process_index: int | None = None) -> Tokeni
     if process_index == 0:
       tok = _build(config)
       _check_fits(tok, config)
-      if is_url(workdir):
-        tok.save(str(directory), request=_request(config.data))
-      else:
-        tmp = tmp_dir_for(Path(directory))
-        try:
-          tok.save(str(tmp), request=_request(config.data))
-        except BaseException:
-          shutil.rmtree(tmp, ignore_errors=True)
-          raise
-        publish_dir(tmp, Path(directory))
+      if not pin:
+        return tok
+      _write(tok, config, workdir)
     else:
       wait_for(directory / META_FILE, "the tokenizer")
   tok = load_dir(str(directory))
   _check_request(directory, tok, config.data)
   _check_fits(tok, config)
   return tok
+
+
+def pin_tokenizer(tok: Tokenizer, config, workdir: str) -> None:
+  """Writes a run's tokenizer into <workdir>/tokenizer/ unless it is there (process 0)."""
+  workdir = run_dir(workdir)
+  if jax.process_index() == 0 and not (epath.Path(workdir) / "tokenizer" / META_FILE).exists():
+    _write(tok, config, workdir)
+
+
+def _write(tok: Tokenizer, config, workdir: str) -> None:
+  directory = epath.Path(workdir) / "tokenizer"
+  if is_url(workdir):
+    tok.save(str(directory), request=_request(config.data))
+    return
+  tmp = tmp_dir_for(Path(directory))
+  try:
+    tok.save(str(tmp), request=_request(config.data))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  publish_dir(tmp, Path(directory))
 
 
 def _build(config) -> Tokenizer:

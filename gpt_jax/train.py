@@ -27,7 +27,18 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from gpt_jax import checkpoint, errors, loading, metrics, model, model_config, optim, paths, sharding
+from gpt_jax import (
+  checkpoint,
+  errors,
+  integrity,
+  loading,
+  metrics,
+  model,
+  model_config,
+  optim,
+  paths,
+  sharding,
+)
 from gpt_jax.errors import ConfigError, UserError
 
 
@@ -77,7 +88,13 @@ class Task:
   eval_batches: list | dict
   meta: dict  # Stored in every checkpoint; compared on resume (e.g. tokenizer fingerprint).
   extra_eval: Callable[[Any], dict] | None = None  # params -> metrics (zero-shot tasks, accuracy).
-  finish: Callable[[Any], None] | None = None  # params -> None, at the end (samples, baselines).
+  # params -> metrics to record at the last step (baselines) or None; also prints (samples).
+  finish: Callable[[Any], dict | None] | None = None
+  # Commands worth running on the finished run (sample, evaluate, ...), for the end-of-run summary.
+  next_steps: tuple[str, ...] = ()
+  # Writes what the task keeps in the workdir (its tokenizer), called once nothing can refuse
+  # the run any more: a refused command leaves the workdir as it found it.
+  pin: Callable[[], None] | None = None
   tokens_per_example: int = 0  # For throughput / MFU; 0 = not a token-level job.
   # shardings -> params for a fresh start, instead of init_params / config.init_from
   # (e.g. pretrained weights reshaped for a fine-tuning head). Closing over loaded
@@ -402,8 +419,10 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
   before config.json is written.
   """
   workdir = paths.run_dir(workdir)
-  metrics.quiet_library_logs()
+  integrity.quiet_orbax_logs()  # Orbax's INFO lines only with --verbosity.
   check_workdir(config, workdir)
+  if config.init_from and checkpoint.latest_step_dir(epath.Path(workdir)) is None:
+    loading.check_params_source(config.init_from, config.model)
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   axis_rules = sharding.rules(config)
@@ -414,6 +433,10 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
     sharding.log_undivided(task.param_specs, program.abstract.params, mesh, axis_rules)
     manager = checkpoint.make_manager(workdir, config)
     state = _resume_or_init(config, workdir, task, program, manager)
+    if int(state.step) >= config.train.num_steps:
+      return _already_finished(config, workdir, task, manager, int(state.step))
+    if task.pin is not None:
+      task.pin()
     write_config(config, workdir)
     loop = _Loop(config, workdir, task, program, manager, mesh, start_step=int(state.step))
     try:
@@ -425,6 +448,20 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
     if hasattr(task.train_iter, "close"):  # grain worker processes and their shared memory.
       task.train_iter.close()
   return final
+
+
+def _already_finished(config, workdir, task: Task, manager, step: int) -> dict:
+  """A rerun of a finished run: one line, nothing recomputed; its last records as the result."""
+  manager.close()
+  if hasattr(task.train_iter, "close"):
+    task.train_iter.close()
+  if jax.process_index() == 0:
+    print(
+      f"{workdir} has finished: step {step} of train.num_steps={config.train.num_steps} "
+      "(raise train.num_steps to train on)",
+      flush=True,
+    )
+  return {**metrics.last_records(workdir), "step": step}
 
 
 def _resume_or_init(config, workdir, task: Task, program: Program, manager):
@@ -491,6 +528,7 @@ class _Loop:
     self.last: dict = {}
     self.tokens_per_step = self.tc.batch_size * task.tokens_per_example
     self.flops_per_step, self.peak = self._flops(program)
+    self.started = time.perf_counter()
     self._new_window()
 
   def _flops(self, program):
@@ -553,15 +591,49 @@ class _Loop:
       preempt.restore()
       profile.close(state)
       self.manager.wait_until_finished()
-    if self.task.finish is not None and int(state.step) >= tc.num_steps:
-      self.task.finish(state.params)
+    finished = int(state.step) >= tc.num_steps
+    if self.task.finish is not None and finished:
+      extra = self.task.finish(state.params)
+      if extra:
+        self.writer.write(int(state.step), extra)
+        self.last.update(extra)
     self.last["step"] = int(state.step)
     if self.is_main:
       logging.info(
         "final: %s",
         json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in self.last.items()}),
       )
+      if finished:
+        self.writer.flush()
+        print(self._summary(int(state.step)), flush=True)
     return self.last
+
+  def _summary(self, step: int) -> str:
+    """The end-of-run block: what was trained, how well, where it is, what to run next."""
+    last, workdir = self.last, self.workdir
+    took = time.perf_counter() - self.started
+    trained = step - self.start
+    lines = [f"finished {workdir}: step {step}, {trained} steps in {_duration(took)} this run"]
+    if self.tokens_per_step:
+      tokens = self.tokens_per_step * trained
+      lines[0] += f", {tokens / 1e6:.3g}M tokens at {tokens / max(took, 1e-9):,.0f} tokens/s"
+    losses = [f"train loss {last['loss']:.4f}"] if "loss" in last else []
+    if "eval_loss" in last:
+      losses.append(f"validation loss {last['eval_loss']:.4f} (perplexity {last['eval_perplexity']:.1f})")
+    if "unigram_loss" in last:
+      losses.append(
+        f"unigram baseline {last['unigram_loss']:.4f} (perplexity {last['unigram_perplexity']:.1f})"
+      )
+    if losses:
+      lines.append("  " + " | ".join(losses))
+    files = [f"checkpoint {workdir}/checkpoints/{step}", f"metrics {self.writer.metrics_path}"]
+    if self.writer.curves_path:
+      files.append(f"curves {self.writer.curves_path}")
+    lines.append("  " + "  ".join(files))
+    if self.task.next_steps:
+      lines.append("next:")
+      lines += [f"  {c}" for c in self.task.next_steps]
+    return "\n".join(lines)
 
   def _step(self, state, step: int):
     t0 = time.perf_counter()
@@ -629,6 +701,11 @@ class _Loop:
   def _save(self, state, done: int) -> None:
     self._settle()
     checkpoint.save(self.manager, done, state, self.task.train_iter, self.task.meta, force=True)
+
+
+def _duration(seconds: float) -> str:
+  m, s = divmod(round(seconds), 60)
+  return f"{m} min {s} s" if m else f"{seconds:.1f} s"
 
 
 class _Profile:

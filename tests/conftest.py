@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import fake_gcs  # noqa: E402
+
 from configs import debug  # noqa: E402
 from gpt_jax import config as config_lib  # noqa: E402
 
@@ -23,3 +25,15 @@ from gpt_jax import config as config_lib  # noqa: E402
 def debug_config():
   """A fresh, validated copy of configs/debug.py."""
   return config_lib.validate(debug.get_config())
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """A fake gs:// under tmp_path/gcs (tests/fake_gcs.py); the host-local caches under tmp_path/cache."""
+  root = tmp_path / "gcs"
+  root.mkdir()
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
+  uninstall = fake_gcs.install(str(root))
+  yield root
+  uninstall()

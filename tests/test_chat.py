@@ -1,5 +1,7 @@
-"""DialoGPT data layout (masking, reversal, truncation), MMI reranking, and the chat CLI."""
+"""DialoGPT: the training loss, chat history, MMI reranking, and the chat CLI (the data layout:
+test_finetune_data.py)."""
 
+import io
 import json
 import random
 import subprocess
@@ -18,36 +20,8 @@ from gpt_jax import finetune_data as fd
 EOT = 9
 
 
-def test_dialogue_loss_covers_only_the_response_turns():
-  turns = [[1, 2], [3], [4, 5]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="last", reverse=False)
-  assert tokens == [9, 1, 2, 9, 3, 9, 4, 5, 9]
-  # mask[j] says whether tokens[j + 1] is trained: the last turn and its <|endoftext|>.
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [4, 5, 9]
-  assert len(mask) == len(tokens) - 1
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="all", reverse=False)
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [3, 9, 4, 5, 9]
-
-
-def test_backward_data_is_the_reversed_dialogue():
-  turns = [[1, 2], [3], [4, 5]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=32, loss_turns="all", reverse=True)
-  assert tokens == [9, 4, 5, 9, 3, 9, 1, 2, 9]
-  # P(source | response): everything after the (last, now first) response is trained.
-  assert [t for t, m in zip(tokens[1:], mask) if m] == [3, 9, 1, 2, 9]
-
-
-def test_long_dialogues_drop_their_oldest_turns_first():
-  turns = [[1, 1, 1], [2, 2], [3], [4, 4]]
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=8, loss_turns="last", reverse=False)
-  assert tokens == [9, 2, 2, 9, 3, 9, 4, 4, 9]
-  tokens, _ = fd.dialogue_sequence(turns, EOT, max_len=5, loss_turns="last", reverse=False)
-  assert tokens == [9, 3, 9, 4, 4, 9]
-  # Two turns stay; what still does not fit is cut from the start (the end, reversed).
-  tokens, mask = fd.dialogue_sequence(turns, EOT, max_len=4, loss_turns="last", reverse=False)
-  assert tokens == [3, 9, 4, 4, 9] and mask == [0, 1, 1, 1]
-  tokens, _ = fd.dialogue_sequence(turns, EOT, max_len=4, loss_turns="all", reverse=True)
-  assert tokens == [9, 4, 4, 9, 3]
+def test_chat_history_drops_its_oldest_turns_first():
+  # As training data does (test_finetune_data.py: test_long_dialogues_drop_their_oldest_turns_first).
   assert chat.fit_history([[1, 1, 1], [2, 2], [3]], EOT, 6) == [[2, 2], [3]]
   assert chat.fit_history([[1, 1, 1], [2, 2, 2, 2, 2, 2]], EOT, 6) == [[2, 2, 2, 2]]
 
@@ -151,6 +125,34 @@ def test_mmi_reranking_picks_the_candidate_with_the_best_backward_score(monkeypa
   assert info["scores"] == pytest.approx(want, rel=1e-5)
   reply, info = chat.respond(fwd, ["11 12 13", "14 15"], num_candidates=4)
   assert reply == "20 21" and info["scores"] is None  # No backward model: the first sample.
+
+
+def test_every_reply_and_candidate_is_one_line(monkeypatch, capsys):
+  """Through a pipe: one output line per input turn, whatever the model writes; the
+  history keeps the reply as written."""
+  fwd = tiny_model(0)
+  # The tiny model's tokenizer reads numbers: turns and replies are numbers and line breaks.
+  replies = iter(["20 21\n22", "\n  23  \n\n", "24"])
+  seen = []
+
+  def respond(model, history, **kw):
+    seen.append(list(history))
+    reply = next(replies)
+    return reply, {"candidates": [reply, "a\nb"], "scores": [1.5, -2.0]}
+
+  monkeypatch.setattr(chat, "respond", respond)
+  out = io.StringIO()
+  chat.chat_loop(fwd, ["11", "", "12 13", "/reset", "14", "/quit", "15"], out, show_candidates=True)
+  assert out.getvalue().splitlines() == ["20 21 / 22", "23", "24"]
+  assert seen == [["11"], ["11", "20 21\n22", "12 13"], ["14"]]  # The model sees its turns unchanged.
+  assert capsys.readouterr().err.splitlines() == [
+    "  [    1.500] 20 21 / 22",
+    "  [   -2.000] a / b",
+    "  [    1.500] 23",
+    "  [   -2.000] a / b",
+    "  [    1.500] 24",
+    "  [   -2.000] a / b",
+  ]
 
 
 def test_rerank_prefers_any_non_empty_candidate():

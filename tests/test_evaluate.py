@@ -146,18 +146,6 @@ def test_length_buckets():
   assert evaluate.length_bucket(40, 48) == 48
 
 
-@pytest.mark.parametrize("n,block,stride", [(2, 4, 2), (5, 4, 4), (40, 8, 3), (41, 8, 8), (9, 8, 1)])
-def test_rolling_windows_score_each_token_once_with_longest_context(n, block, stride):
-  tokens = list(range(100, 100 + n))
-  windows = eval_tasks.rolling_windows(tokens, block, stride)
-  predicted = [t for _, cont in windows for t in cont]
-  assert predicted == tokens[1:]
-  for ctx, cont in windows:
-    assert ctx == tokens[: tokens.index(cont[0])][-len(ctx) :]  # context is what immediately precedes
-    # The model sees block tokens, or every earlier token when there are fewer.
-    assert len(ctx) + len(cont) - 1 == min(block, tokens.index(cont[-1]))
-
-
 # ------------------------------------------------------------------- tasks
 
 
@@ -268,7 +256,11 @@ def test_last_word_accuracy_and_perplexity_on_known_answers(tmp_path, tok, ours)
   )
   res = evaluate.run_task(cfg, _always(params, cat), tok, f"last_word:{path}", evaluate.Options(batch_size=2))
   assert [s["is_greedy"] for s in res.samples] == [True, False, False, True]
+  assert [s["correct"] for s in res.samples] == [True, False, False, True]
   assert [s["word"] for s in res.samples] == [" cat", " mat", " catcat", " cat"]
+  # The model always says " cat": its token-by-token prediction of each word.
+  assert [s["prediction"] for s in res.samples] == [" cat", " cat", " cat cat", " cat"]
+  assert res.samples[1]["text"] == "the dog sat on the mat"
   assert res.samples[3]["prompt"] == "the dog sat on\n the"
   assert res.metrics["acc"] == 0.5 and res.metrics["acc_stderr"] == pytest.approx(0.5 / 2 * math.sqrt(4 / 3))
   assert res.samples[0]["logprob"] > -1e-3  # P(" cat") ~ 1
@@ -290,6 +282,8 @@ def test_generate_exact_match_and_f1_on_known_answers(tmp_path, tok, ours):
   res = evaluate.run_task(cfg, _always(params, cat), tok, f"generate:{path}", opts)
   assert [s["generation"] for s in res.samples] == [" cat cat cat"] * 2
   assert [s["exact_match"] for s in res.samples] == [1.0, 0.0]
+  assert [s["correct"] for s in res.samples] == [True, False]
+  assert res.samples[1]["context"] == "Q: what ran?" and res.samples[1]["answers"] == ["cat dog"]
   assert res.samples[1]["f1"] == pytest.approx(0.4)
   assert res.metrics["f1"] == pytest.approx(0.7) and res.metrics["exact_match"] == 0.5
   # Text stops before the first stop string, even inside a token.
@@ -321,21 +315,6 @@ def test_fewshot_prompt_layout_golden(tmp_path, tok, hf_dir, ours):
   assert ll == pytest.approx(_hf_score(hf_dir[1], tok.encode(golden), tok.encode(" red"))[0], abs=PARITY_TOL)
 
 
-def test_fewshot_never_draws_the_item_and_seeds_differ():
-  pool = [{"text": f"t{i}"} for i in range(30)]
-  draws = {
-    seed: [eval_tasks.draw_shots(pool, 5, seed, i, i, it) for i, it in enumerate(pool)] for seed in (0, 1)
-  }
-  for per_item in draws.values():
-    for i, shots in enumerate(per_item):
-      assert len(shots) == 5 and pool[i] not in shots and len({s["text"] for s in shots}) == 5
-  assert draws[0] != draws[1]
-  # A separate pool (e.g. --fewshot_file) excludes copies of the item by content.
-  assert all(s != pool[3] for _ in range(5) for s in eval_tasks.draw_shots(pool, 29, 0, 3, None, pool[3]))
-  with pytest.raises(errors.UserError, match="num_fewshot=30: item 0 has only 29"):
-    eval_tasks.draw_shots(pool, 30, 0, 0, 0, pool[0])
-
-
 def test_fewshot_drops_whole_examples_that_do_not_fit(tmp_path, tok, ours):
   cfg, params = ours
   long = "the quick brown fox jumps over the lazy dog and the cat sat on the mat today"
@@ -352,112 +331,6 @@ def test_fewshot_drops_whole_examples_that_do_not_fit(tmp_path, tok, ours):
   fitting = [c for c in candidates if len(tok.encode(c)) + len(tok.encode(" bank")) - 1 <= BLOCK]
   assert fitting[0] != candidates[0]  # something had to go
   assert res.samples[0]["prompt"] == fitting[0]
-
-
-# ----------------------------------------------------------------- metrics
-
-
-def test_stderr_formulas_on_known_cases():
-  assert eval_tasks.mean_stderr([1, 0, 1, 1]) == pytest.approx((0.75, 0.25))  # std 0.5, sqrt(4) = 2
-  assert math.isnan(eval_tasks.mean_stderr([1.0])[1])
-  # Ratio 6 / 2 = 3; residuals (-1, 1); sqrt(2 / 1 / 2) / mean(den) = 1.
-  assert eval_tasks.ratio_stderr([2, 4], [1, 1]) == pytest.approx((3.0, 1.0))
-  # Delta method vs a large fixed-seed bootstrap over documents.
-  rng = np.random.default_rng(0)
-  den = rng.integers(5, 50, size=200).astype(float)
-  num = den * rng.normal(3.0, 0.5, size=200)
-  ratio, se = eval_tasks.ratio_stderr(num, den)
-  boot = [num[i].sum() / den[i].sum() for i in rng.integers(0, 200, size=(2000, 200))]
-  assert se == pytest.approx(np.std(boot), rel=0.1)
-  assert ratio == pytest.approx(num.sum() / den.sum())
-
-
-def test_squad_normalisation_and_f1():
-  assert eval_tasks.normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-  assert eval_tasks.exact_match("an apple", ["Apple.", "pear"]) == 1.0
-  assert eval_tasks.f1("red blue", ["blue green", "yellow"]) == pytest.approx(0.5)
-  assert eval_tasks.f1("the", ["a"]) == 1.0  # both empty after normalisation
-
-
-# ------------------------------------------------------------------- specs
-
-
-def test_parse_spec():
-  p = eval_tasks.parse_spec
-  assert p("perplexity:/data/wiki.test.jsonl") == eval_tasks.TaskSpec(
-    "perplexity", "wiki.test", "/data/wiki.test.jsonl"
-  )
-  assert p("last_word:tfds:lambada") == eval_tasks.TaskSpec("last_word", "lambada", tfds_name="lambada")
-  s = p("perplexity:tfds:c4/en:3.1.0:validation")
-  assert (s.name, s.tfds_name, s.split) == ("c4_en", "c4/en:3.1.0", "validation")
-  s = p("multiple_choice:tfds:glue/rte")
-  assert (s.name, s.tfds_name, s.split) == ("glue_rte", "glue/rte", "")
-  assert p("perplexity:tfds:c4/en:3.1.0").split == ""
-  assert p("multiple_choice:tfds:hellaswag:train").split == "train"
-
-
-def test_tfds_field_maps():
-  p = eval_tasks.parse_spec
-  hs = eval_tasks.TFDS_TASKS["hellaswag"].to_record(
-    {
-      "activity_label": b"Removing ice from car",
-      "context": b"Then, the man writes over the snow. [header] He",
-      "endings": np.array([b"stops.", b"goes [title] on."], dtype=object),
-      "label": np.int32(1),
-    }
-  )
-  assert hs == {
-    "context": "Removing ice from car: Then, the man writes over the snow. He",
-    "choices": [" stops.", " goes. on."],
-    "label": 1,
-  }
-  assert eval_tasks.TFDS_TASKS["piqa"].to_record({"goal": b"g", "sol1": b"a", "sol2": b"b", "label": 1}) == {
-    "context": "Question: g\nAnswer:",
-    "choices": [" a", " b"],
-    "label": 1,
-  }
-  wg = eval_tasks.TFDS_TASKS["winogrande"].to_record(
-    {
-      "sentence": b"The cup fit in the box because _ was big.",
-      "option1": b"the cup",
-      "option2": b"the box",
-      "label": 1,
-    }
-  )
-  assert wg == {
-    "contexts": ["The cup fit in the box because the cup", "The cup fit in the box because the box"],
-    "continuation": " was big.",
-    "label": 1,
-  }
-  assert eval_tasks.TFDS_TASKS["lambada"].to_record({"passage": b"a b c"}) == {"text": "a b c"}
-  # GPT-3 draws LAMBADA shots from the development set: TFDS's lambada "train".
-  assert (eval_tasks.TFDS_TASKS["lambada"].split, eval_tasks.TFDS_TASKS["lambada"].fewshot_split) == (
-    "test",
-    "train",
-  )
-  rte = eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/rte:1.0.0"))
-  assert rte.split == "validation" and rte.to_record(
-    {"sentence1": b"A man sleeps. ", "sentence2": b"Someone rests.", "label": np.int64(0), "idx": 3}
-  ) == {
-    "context": "A man sleeps.\nQuestion: Someone rests. True or False?\nAnswer:",
-    "choices": [" True", " False"],
-    "label": 0,
-  }
-  mnli = eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/mnli"))
-  assert mnli.split == "validation_matched"
-  assert mnli.to_record({"premise": b"p", "hypothesis": b"h", "label": 2})["choices"][2] == " False"
-  assert eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/sst2")).to_record(
-    {"sentence": b"great fun", "label": 1}
-  )["choices"] == [" negative", " positive"]
-  assert eval_tasks.tfds_mapping(p("multiple_choice:tfds:glue/cola")) is None  # Unmapped: our field names.
-  for name, kind in (
-    ("hellaswag", "multiple_choice"),
-    ("winogrande", "multiple_choice"),
-    ("lambada", "last_word"),
-  ):
-    assert eval_tasks.normalize_item(
-      kind, {"hellaswag": hs, "winogrande": wg, "lambada": {"text": "a b"}}[name], "x"
-    )
 
 
 def test_local_tfds_dataset(tmp_path, tok, ours):
@@ -504,57 +377,6 @@ def test_local_tfds_dataset(tmp_path, tok, ours):
     evaluate.run_task(
       cfg, params, tok, "multiple_choice:tfds:piqa:test", evaluate.Options(tfds_data_dir=data_dir)
     )
-
-
-# ------------------------------------------------------------------ errors
-
-
-@pytest.mark.parametrize(
-  "kind,content,message",
-  [
-    (
-      "multiple_choice",
-      '{"context": "a", "choices": ["b"], "label": 0}\n{"context": "a",\n',
-      r"x.jsonl:2: malformed",
-    ),
-    ("multiple_choice", '{"choices": ["b"], "label": 0}\n', r"x.jsonl:1: missing field 'context'"),
-    (
-      "multiple_choice",
-      '{"context": "a", "choices": ["b", "c"], "label": 2}\n',
-      r":1: label 2 is out of range",
-    ),
-    (
-      "multiple_choice",
-      '{"context": "a", "choices": [], "label": 0}\n',
-      r":1: field 'choices' must be a non-empty",
-    ),
-    ("multiple_choice", '{"context": "a", "choices": ["b"], "label": true}\n', r"'label' must be an integer"),
-    ("generate", '\n{"context": "a", "answers": "b"}\n', r"x.jsonl:2: field 'answers'"),
-    ("last_word", '{"text": "  "}\n', r":1: field 'text' has no word"),
-    ("perplexity", '["text"]\n', r":1: expected a JSON object"),
-    ("perplexity", "", r"x.jsonl: no items"),
-    ("perplexity", None, r"x.jsonl:2: not UTF-8 \(byte 14 of the line\)"),
-  ],
-)
-def test_bad_task_files(tmp_path, kind, content, message):
-  if content is None:  # Bytes that are not UTF-8 on line 2.
-    (tmp_path / "x.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(errors.UserError, match=message):
-      eval_tasks.load_jsonl(str(tmp_path / "x.jsonl"), kind)
-    return
-  path = tmp_path / "x.jsonl"
-  path.write_text(content)
-  with pytest.raises(errors.UserError, match=message):
-    eval_tasks.load_jsonl(str(path), kind)
-
-
-def test_bad_specs():
-  with pytest.raises(errors.UserError, match="unknown task kind 'ranking'"):
-    eval_tasks.parse_spec("ranking:/x.jsonl")
-  with pytest.raises(errors.UserError, match="expected KIND:PATH"):
-    eval_tasks.parse_spec("perplexity")
-  with pytest.raises(errors.UserError, match="/nope.jsonl: no such file"):
-    eval_tasks.load_jsonl("/nope.jsonl", "perplexity")
 
 
 def _cli(*args):
@@ -610,5 +432,12 @@ def test_cli_end_to_end(tmp_path, tok, hf_dir, ours):
   )
   assert results["tasks"]["wiki"]["nll"] == pytest.approx(want["wiki"]["nll"], abs=1e-4)
   assert results["tasks"]["mc"]["acc"] == want["mc"]["acc"]
-  assert len(samples.read_text().splitlines()) == 3 + 3
+  lines = [json.loads(line) for line in samples.read_text().splitlines()]
+  assert len(lines) == 3 + 3
+  mc_lines = [r for r in lines if r["task"] == "mc"]
+  assert [r["context"] for r in mc_lines] == ["the cat", "the dog", "the fox"]
+  assert all(r["choices"] == [" sat", " ran"] and r["label"] == 0 for r in mc_lines)
+  assert all(r["correct"] == (r["prediction"] == 0) for r in mc_lines)
+  assert [r["correct"] for r in mc_lines].count(True) == round(results["tasks"]["mc"]["acc"] * 3)
+  assert all("text" in r and r["perplexity"] > 1 for r in lines if r["task"] == "wiki")
   os.remove(output)

@@ -460,24 +460,6 @@ def test_init_distribution(debug_config, scale_residual_init):
       assert np.all(np.asarray(x) == 1), key
 
 
-@pytest.mark.parametrize("changes", [{}, {"scan_layers": True, "norm_position": "post"}])
-def test_transposed_kernels_give_the_same_logits(debug_config, changes):
-  """The sampler's [outputs, inputs] kernel layout, for few rows (the CPU
-  [N, K] x [K, M] product) and many (a plain einsum)."""
-  m = _cfg(debug_config, **changes)
-  params = _random_params(m)
-  out_in = model_config.of(m, kernel_layout="out_in", few_row_head=True)
-  transposed = layout.transpose_kernels(params)
-  c_attn = "blocks" if m.scan_layers else "block_0"
-  assert transposed[c_attn]["attn"]["c_attn"]["kernel"].shape[-4:] == (3, 4, 8, 32)  # [3, H, K, D]
-  assert transposed[c_attn]["attn"]["c_proj"]["kernel"].shape[-3:] == (32, 4, 8)  # [D, H, K]
-  for batch, length in [(2, 3), (3, m.block_size)]:  # 6 rows, then 96 (> 64).
-    tokens_BT = _tokens(m, batch=batch, length=length)
-    np.testing.assert_allclose(
-      _logits(out_in, transposed, tokens_BT), _logits(m, params, tokens_BT), rtol=1e-5, atol=1e-5
-    )
-
-
 # ---------------------------------------------------------------- KV cache
 
 

@@ -60,8 +60,23 @@ def test_pretraining_runs_eval_tasks_and_prints_baseline_and_samples(debug_confi
   for key in ("lr", "grad_norm", "tokens_per_sec", "mfu", "data_wait_fraction", "skipped_steps"):
     assert all(key in r for r in logged), key
   out = capsys.readouterr().out
-  assert "unigram baseline (validation): " in out
   assert out.count("--- sample ") == 2 and "--- sample 2 ---\nROMEO:" in out
+  # The end-of-run summary: once, the baseline in nats and perplexity, logged too; the next commands.
+  assert out.count("unigram baseline") == 1 and out.count("finished ") == 1
+  baseline = [r for r in rows if "unigram_loss" in r]
+  assert len(baseline) == 1 and baseline[0]["step"] == 4
+  assert baseline[0]["unigram_perplexity"] == pytest.approx(np.exp(baseline[0]["unigram_loss"]))
+  assert f"unigram baseline {baseline[0]['unigram_loss']:.4f} (perplexity" in out
+  assert f"validation loss {final['eval_loss']:.4f}" in out
+  assert "python -m gpt_jax.sample --workdir=" in out and (tmp_path / "run" / "curves.png").stat().st_size
+  # A rerun of the finished job says so in one line and recomputes nothing.
+  again = pretrain.run(debug_config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert out.strip().splitlines() == [
+    f"{tmp_path / 'run'} has finished: step 4 of train.num_steps=4 (raise train.num_steps to train on)"
+  ]
+  assert again["step"] == 4 and again["eval_loss"] == final["eval_loss"]
+  assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(rows)
 
 
 def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config, tmp_path):
@@ -139,5 +154,7 @@ def test_a_mixture_reports_each_sources_validation(debug_config, tmp_path, capsy
     assert ev[f"eval/{name}/perplexity"] == pytest.approx(np.exp(ev[f"eval/{name}/loss"]))
   lo, hi = sorted([ev["eval/plays/loss"], ev["eval/books/loss"]])
   assert lo < ev["eval_loss"] < hi and final["eval_loss"] == ev["eval_loss"]  # weighted by tokens
-  out = capsys.readouterr().out
-  assert "unigram baseline (validation books): " in out and "unigram baseline (validation plays): " in out
+  # The unigram baseline per source, and overall weighted by validation tokens as eval_loss is.
+  lo, hi = sorted([final["unigram/plays/loss"], final["unigram/books/loss"]])
+  assert lo < final["unigram_loss"] < hi
+  assert f"unigram baseline {final['unigram_loss']:.4f}" in capsys.readouterr().out

@@ -1,12 +1,12 @@
 """Run directories given as URLs (gs://BUCKET/PATH).
 
-No bucket is reachable here: tests/fake_gcs.py maps gs://... onto a local
-folder, for etils.epath (fsspec) and for Orbax. Everything else (config,
-tokenizer, metrics, TensorBoard, the host-local token and compilation
-caches) takes the code path a real bucket takes.
+No bucket is reachable here: tests/fake_gcs.py (conftest.py's `bucket`
+fixture) maps gs://... onto a local folder, for etils.epath (fsspec) and for
+Orbax. Everything else (config, tokenizer, metrics, TensorBoard, the
+host-local token and compilation caches) takes the code path a real bucket
+takes. The URL rules themselves are tested in test_paths.py.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +14,6 @@ import threading
 import time
 
 import fake_gcs
-import fsspec
 import jax
 import orbax.checkpoint as ocp
 import pytest
@@ -22,18 +21,6 @@ from etils import epath
 
 from gpt_jax import convert, data, finetune, loading, metrics, paths, pretrain, train
 from gpt_jax.errors import UserError
-
-
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-  """A fake gs:// under tmp_path/gcs; the host-local caches under tmp_path/cache."""
-  root = tmp_path / "gcs"
-  root.mkdir()
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  monkeypatch.chdir(tmp_path)
-  uninstall = fake_gcs.install(str(root))
-  yield root
-  uninstall()
 
 
 def _steps(path):
@@ -143,39 +130,6 @@ def test_metrics_mirror_pulls_history_and_pushes_only_changes(bucket):
   assert not (bucket / "bkt" / "m" / "data").exists()
 
 
-@pytest.mark.parametrize(
-  "url, message",
-  [
-    ("ftp://host/run", "unsupported URL scheme ftp://"),
-    ("gs://", "expected gs://BUCKET/PATH"),
-    ("gs://bkt/../other", "expected gs://BUCKET/PATH"),
-    ("  ", "--workdir is empty"),
-  ],
-)
-def test_bad_urls_are_refused(url, message):
-  with pytest.raises(UserError, match=message):
-    paths.run_dir(url)
-
-
-def test_run_dir_and_local_dir(bucket, monkeypatch, tmp_path):
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  assert paths.run_dir("gs://b//x/y/") == "gs://b/x/y"
-  assert paths.run_dir("rel") == os.path.abspath("rel")
-  assert paths.local_dir("gs://b/x/", "data") == str(tmp_path / "gpt_jax" / "gs" / "b" / "x" / "data")
-
-
-def test_a_bucket_without_gcsfs_is_one_line(monkeypatch):
-  def no_gcsfs(protocol):
-    raise ImportError("Install gcsfs to access Google Storage")
-
-  monkeypatch.setattr(fsspec, "get_filesystem_class", no_gcsfs)
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  paths._setup_bucket_io.cache_clear()
-  with pytest.raises(UserError, match="--workdir: a gs:// path needs gcsfs: pip install -r requirements-gcs"):
-    paths.run_dir("gs://bkt/run")
-  paths._setup_bucket_io.cache_clear()
-
-
 def test_a_filesystem_without_locks_still_builds_the_token_cache(debug_config, bucket, monkeypatch, tmp_path):
   import errno
   import fcntl
@@ -199,16 +153,6 @@ def test_a_failed_upload_is_logged_and_training_goes_on(bucket, monkeypatch, cap
   w.write(1, {"loss": 2.0})
   w.close()
   assert "could not copy run files to gs://bkt/u (OSError: 503 Service Unavailable)" in caplog.text
-
-
-def test_bucket_listings_are_not_cached(bucket):
-  """gcsfs would keep every listing for good and hide what other processes write."""
-  for protocol in ("gs", "gcs"):
-    fsspec.config.conf.pop(protocol, None)
-  paths._setup_bucket_io.cache_clear()
-  paths.run_dir("gs://bkt/run")
-  assert fsspec.config.conf["gcs"]["use_listings_cache"] is False
-  assert fsspec.config.conf["gs"]["use_listings_cache"] is False
 
 
 def test_data_dir_url_is_refused(debug_config):
