@@ -124,8 +124,19 @@ def _token_file_cache(data_cfg, tokenizer, files: dict) -> TokenCache:
   return TokenCache(None, header, streams)
 
 
-def prepare_cache(data_cfg, tokenizer, workdir: str, *, process_index: int = 0, process_count: int = 1):
+def prepare_cache(
+  data_cfg,
+  tokenizer,
+  workdir: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  min_train_tokens: int = 0,
+):
   """The TokenCache of one source (a data.* section) for tokenizer, built once on first use.
+
+  A new cache whose training split has fewer than min_train_tokens tokens
+  (one window) is refused before it is published.
 
   In a workdir on a shared filesystem the processes split the documents and
   each tokenises its share into a shard (files cut by data.max_documents,
@@ -143,13 +154,15 @@ def prepare_cache(data_cfg, tokenizer, workdir: str, *, process_index: int = 0, 
     if paths.is_url(workdir):  # No shared disk assumed: each host builds its own.
       with _host_lock(directory):
         if not header_path.exists():
-          _build_cache(data_cfg, tokenizer, directory)
+          _build_cache(data_cfg, tokenizer, directory, min_train_tokens)
     elif process_count > 1 and not (data_cfg.source == "files" and data_cfg.max_documents):
-      _build_cache(data_cfg, tokenizer, directory, host=process_index, num_hosts=process_count)
+      _build_cache(
+        data_cfg, tokenizer, directory, min_train_tokens, host=process_index, num_hosts=process_count
+      )
     elif process_index != 0:
       tokenizer_lib.wait_for(header_path, "the token cache")
     else:
-      _build_cache(data_cfg, tokenizer, directory)
+      _build_cache(data_cfg, tokenizer, directory, min_train_tokens)
   header = json.loads(header_path.read_text())
   _check_header(directory, header, tokenizer)
   streams = {split: token_store.TokenStream.from_store(directory, split) for split in SPLITS}
@@ -157,9 +170,21 @@ def prepare_cache(data_cfg, tokenizer, workdir: str, *, process_index: int = 0, 
 
 
 def _build_cache(
-  data_cfg, tokenizer, directory: Path, *, host: int = 0, num_hosts: int = 1, **write_kw
+  data_cfg,
+  tokenizer,
+  directory: Path,
+  min_train_tokens: int = 0,
+  *,
+  host: int = 0,
+  num_hosts: int = 1,
+  **write_kw,
 ) -> dict:
   desc = data_sources.describe(data_cfg)
+
+  def accept(stats):
+    if stats["train"].tokens < min_train_tokens:
+      raise UserError(_too_short(desc, stats["train"].tokens, min_train_tokens))
+
   header = token_store.build(
     directory,
     lambda h, n: data_sources.labelled_documents(data_cfg, h, n),
@@ -168,6 +193,7 @@ def _build_cache(
     host=host,
     num_hosts=num_hosts,
     meta={"source": desc},
+    accept=accept,
     total_bytes=data_sources.estimated_text_bytes(data_cfg, host, num_hosts),
     desc=f"tokenising {data_cfg.source}",
     **write_kw,
@@ -262,9 +288,24 @@ def sources(config) -> list[data_sources.Source]:
   return data_sources.sources(config.data)
 
 
+def _too_short(source: str, tokens: int, window: int) -> str:
+  return f"{source}: the training split has {tokens} tokens, fewer than one window of seq_len + 1 = {window}"
+
+
 def _caches(config, tokenizer, workdir: str, process_index: int, process_count: int):
+  window = config_lib.seq_len(config) + 1
   return [
-    (s, prepare_cache(s.data, tokenizer, workdir, process_index=process_index, process_count=process_count))
+    (
+      s,
+      prepare_cache(
+        s.data,
+        tokenizer,
+        workdir,
+        process_index=process_index,
+        process_count=process_count,
+        min_train_tokens=window,
+      ),
+    )
     for s in data_sources.sources(config.data)
   ]
 
@@ -284,10 +325,7 @@ def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, 
   for k, (s, cache) in enumerate(_caches(config, tokenizer, workdir, process_index, process_count)):
     windows = StreamWindows(cache.tokens("train"), seq_len, k)
     if len(windows) == 0:
-      raise UserError(
-        f"{cache.source}: the training split has {len(cache.tokens('train'))} tokens, fewer than one window "
-        f"of seq_len + 1 = {seq_len + 1}"
-      )
+      raise UserError(_too_short(cache.source, len(cache.tokens("train")), seq_len + 1))
     sources.append(loader.Source(s.name, windows, s.weight))
   return loader.ElasticIterator(
     sources,

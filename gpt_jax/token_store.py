@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,6 +235,7 @@ def build(
   host: int = 0,
   num_hosts: int = 1,
   meta: dict | None = None,
+  accept: Callable[[dict[str, ShardStats]], None] | None = None,
   wait_timeout_s: float | None = None,
   **write_kw,
 ) -> dict:
@@ -243,24 +245,33 @@ def build(
   share, so that shards in host order give the single-host stream. With
   num_hosts > 1 `directory`'s parent must be shared by the hosts (see the
   module docstring); every host returns once the store is published.
-  A split without documents is refused and nothing is published.
+  A split without documents is refused and nothing is published; so is a
+  store that `accept` (called with every split's totals) refuses.
+
+  One host builds in a tmp folder inside the deepest folder of `directory`'s
+  path that already exists, and creates the missing ones only to publish: a
+  refused or failed build leaves no folder behind (not even an empty
+  <workdir>/data), and the rename stays on one filesystem.
   """
   directory = Path(directory)
   meta = dict(meta or {})
   start = time.perf_counter()
   if num_hosts == 1:
-    tmp = tokenizer_lib.tmp_dir_for(directory)
+    tmp = _tmp_near(directory)
     try:
       stems = {s: tmp / shard_name(s, 0, 1) for s in splits}
       stats = write_shards(docs_for_host(0, 1), tokenizer, stems, **write_kw)
       _check_nonempty(meta.get("source", directory.name), stats)
+      if accept is not None:
+        accept(stats)
       header = _header(tokenizer, meta, {s: [(stems[s].name, stats[s])] for s in splits}, 0.0)
       header["tokenize_seconds"] = round(time.perf_counter() - start, 2)
       (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
+      directory.parent.mkdir(parents=True, exist_ok=True)
+      tokenizer_lib.publish_dir(tmp, directory)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
-    tokenizer_lib.publish_dir(tmp, directory)
     return json.loads((directory / "header.json").read_text())
 
   staging = directory.parent / f".{directory.name}.staging-{num_hosts}"
@@ -289,8 +300,13 @@ def build(
           name = shard_name(s, h, num_hosts)
           errors.wait_for(staging / f"{name}.json", f"token shard {name} from host {h}", wait_timeout_s)
           shards[s].append((name, ShardStats(**json.loads((staging / f"{name}.json").read_text()))))
-      documents = {s: ShardStats(sum(st.documents for _, st in shards[s])) for s in splits}
-      _check_nonempty(meta.get("source", directory.name), documents)
+      totals = {
+        s: ShardStats(sum(st.documents for _, st in shards[s]), sum(st.tokens for _, st in shards[s]))
+        for s in splits
+      }
+      _check_nonempty(meta.get("source", directory.name), totals)
+      if accept is not None:
+        accept(totals)
       header = _header(tokenizer, {**meta, "hosts": num_hosts}, shards, time.perf_counter() - start)
       _write_atomic(staging / "header.json", json.dumps(header, indent=1) + "\n")
       for m in [*staging.glob("*.json"), *staging.glob("host-*.start")]:
@@ -355,6 +371,16 @@ def _check_nonempty(what: str, stats: dict[str, ShardStats]) -> None:
   for split, s in stats.items():
     if s.documents == 0:
       raise UserError(f"{what}: the {split} split has no documents")
+
+
+def _tmp_near(final: Path) -> Path:
+  """A new tmp folder in the deepest existing folder of final's path (see `build`)."""
+  anchor = final.parent
+  while not anchor.exists() and anchor != anchor.parent:
+    anchor = anchor.parent
+  tmp = anchor / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  return tmp
 
 
 def _write_atomic(path: Path, text: str) -> None:

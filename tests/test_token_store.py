@@ -180,7 +180,9 @@ def test_a_bad_corpus_file_publishes_nothing(gpt2, docs, tmp_path):
     token_store.build(
       tmp_path / "out" / "store", read, gpt2, splits=("train",), chunk_bytes=10_000, progress=False
     )
-  assert "\n" not in str(err.value) and list((tmp_path / "out").iterdir()) == []
+  assert "\n" not in str(err.value)
+  # Not even the store's missing parent folder was made: the tmp folder went into tmp_path, and is gone.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_a_hosts_refusal_stops_every_host_at_once(gpt2, docs, tmp_path):
@@ -237,6 +239,43 @@ def test_a_hosts_refusal_stops_every_host_at_once(gpt2, docs, tmp_path):
     t.join()
   assert headers[0] == headers[1] and headers[0]["splits"]["train"]["documents"] == 32
   assert sorted(p.name for p in target.iterdir() if not p.name.endswith((".bin", ".idx"))) == ["header.json"]
+
+
+@pytest.mark.parametrize("num_hosts", [1, 2])
+def test_a_store_that_accept_refuses_is_not_published(gpt2, docs, tmp_path, num_hosts):
+  items, seen = labelled(docs), []
+
+  def accept(totals):
+    seen.append({s: (t.documents, t.tokens) for s, t in totals.items()})
+    raise UserError("too short")
+
+  def share(h, n):
+    return items[h * len(items) // n : (h + 1) * len(items) // n]
+
+  raised = []
+
+  def host(h):
+    try:
+      token_store.build(
+        tmp_path / "new" / "store", share, gpt2, host=h, num_hosts=num_hosts, accept=accept, progress=False
+      )
+    except UserError as e:
+      raised.append(str(e))
+
+  threads = [threading.Thread(target=host, args=(h,)) for h in range(num_hosts)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  # accept saw the whole store's totals (once, on host 0), and every host raised.
+  want = {
+    s: (sum(s == k for k, _ in items), len(reference(gpt2, [d for k, d in items if k == s])))
+    for s in ("train", "validation")
+  }
+  assert seen == [want] and len(raised) == num_hosts
+  assert not (tmp_path / "new" / "store").exists()
+  if num_hosts == 1:
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder made, no tmp folder left
 
 
 def test_parts_estimate_their_text(tmp_path):
