@@ -607,3 +607,42 @@ def test_cli_prints_counts_and_exits_2_on_bad_input(tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert "train: 7 documents" in ok.stdout and "validation: 1 documents" in ok.stdout
   assert "unigram validation loss" in ok.stdout
+
+
+def test_bench_counts_what_it_built_and_leaves_no_cache(tmp_path):
+  docs = [d for d in data_sources.shakespeare_documents()[:60] if d]
+  write(tmp_path / "c" / "a.jsonl", jsonl(docs[:30]))
+  write(tmp_path / "c" / "b.jsonl.gz", gzip.compress(jsonl(docs[30:]).encode()))
+  out = tmp_path / "bench.json"
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gpt_jax.data",
+      "--config=configs/debug.py",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.data.tokenizer=gpt2",
+      "--config.model.vocab_size=50257",
+      "--config.data.source=files",
+      f"--config.data.paths={tmp_path}/c/*",
+      "--bench",
+      "--bench_threads=2",
+      "--bench_batches=5",
+      f"--json_out={out}",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 0, run.stderr
+  r = json.loads(out.read_text())
+  gpt2 = tok_lib.gpt2()
+  built = r["sources"]["files"]
+  assert built["documents"] == len(docs) and built["tokens"] == sum(len(gpt2.encode(d)) + 1 for d in docs)
+  for key in ("documents_per_s", "MB_per_s", "tokens_per_s", "single_thread_tokens_per_s", "peak_rss_GiB"):
+    assert built[key] > 0, key
+  assert r["iterator"]["shape"] == [8, 33] and r["iterator"]["batches_per_s"] > 0
+  for line in ("cache build: ", "tiktoken single thread", "build / (2 cores x single thread)", "iterator: "):
+    assert line in run.stdout, line
+  assert not (tmp_path / "w" / "bench_data").exists()  # the caches it built are gone
