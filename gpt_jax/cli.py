@@ -10,7 +10,9 @@ config_flags) for tools that load several configs in one run.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,6 +51,22 @@ def _cannot_load(name: str, filename: str, e: BaseException) -> str:
   return f"--{name}={filename}: cannot load it ({type(cause).__name__}: {detail})"
 
 
+def config_path(path: str) -> str:
+  """`path` as given, or, where it does not exist from the current directory and reads
+  `configs/NAME.py[:ARG]`, that file of the installed `configs` package: with the package
+  installed (`pip install -e .`), `--config=configs/gpt2_small.py` works from any directory."""
+  file, sep, arg = path.partition(":")
+  parts = Path(file).parts
+  if Path(file).exists() or len(parts) < 2 or parts[0] != "configs":
+    return path
+  spec = importlib.util.find_spec("configs")
+  for root in (spec.submodule_search_locations or []) if spec is not None else []:
+    candidate = Path(root).joinpath(*parts[1:])
+    if candidate.is_file():
+      return f"{candidate}{sep}{arg}"
+  return path
+
+
 class _ConfigFileError(Exception):
   """A config file that failed to load, carried out of absl's flag parsing unchanged."""
 
@@ -64,7 +82,7 @@ class _ConfigFileParser(flags.ArgumentParser):
 
   def parse(self, argument):
     try:
-      return self.inner.parse(argument)
+      return self.inner.parse(config_path(argument))
     except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
       raise _ConfigFileError(_cannot_load(self.name, argument, e)) from e
 

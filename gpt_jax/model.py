@@ -47,14 +47,20 @@ def residual_init_std(cfg) -> float:
   return cfg.init_std
 
 
-def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None):
-  """[B, 1, T, S] bool: key s visible to query t (causal, banded, valid)."""
+def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None, segment_BT=None):
+  """[B, 1, T, S] bool: key s visible to query t (causal, banded, valid, same segment).
+
+  segment_BT: segment ids of the T positions, which are also the keys (S = T,
+  no cache): a query sees only keys of its own segment (document masking).
+  """
   diff_BTS = q_slot_BT[:, :, None] - k_slot_S[None, None, :]
   mask_BTS = diff_BTS >= 0
   if window is not None:
     mask_BTS = mask_BTS & (diff_BTS < window)
   if key_valid_BS is not None:
     mask_BTS = mask_BTS & key_valid_BS[:, None, :]
+  if segment_BT is not None:
+    mask_BTS = mask_BTS & (segment_BT[:, :, None] == segment_BT[:, None, :])
   return mask_BTS[:, None]
 
 
@@ -226,12 +232,15 @@ class CausalSelfAttention(nn.Module):
         return self._project(out_BTHK), new_kv
       k_BSHK, v_BSHK = k_BHSK.transpose(0, 2, 1, 3), v_BHSK.transpose(0, 2, 1, 3)
 
-    full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
+    plain = ctx["key_valid_BS"] is None and ctx["segment_BT"] is None
+    full_causal = kv is None and window is None and plain
     static_window = window is None or isinstance(window, (int, np.integer))
     # Parameters do not depend on the kernel: init traces einsums, so shapes and
     # initial values come out on machines without cuDNN (planner, CPU loading).
     cudnn = cfg.attention_impl == "cudnn" and not self.is_initializing()
-    if cudnn and kv is None and static_window and ctx["key_valid_BS"] is None:
+    # Document masking takes the einsums: jax's public cuDNN call takes segments
+    # only as a dense [B, 1, T, S] bias (the packed q/kv offsets are private API).
+    if cudnn and kv is None and static_window and plain:
       out_BTHK = _cudnn_attend(q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window)
     elif cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
@@ -256,7 +265,9 @@ class CausalSelfAttention(nn.Module):
     )(out_BTHK)
 
   def _mask(self, ctx, window, num_keys):
-    return attention_mask(ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"])
+    return attention_mask(
+      ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"], ctx["segment_BT"]
+    )
 
 
 class MLP(nn.Module):
@@ -336,6 +347,7 @@ class GPT(nn.Module):
     positions_BT=None,
     cache: dict | None = None,
     key_valid_BS=None,
+    segment_ids_BT=None,
     return_hidden: bool = False,
   ):
     """Logits [B, T, V] in float32 for `tokens_BT` (int32 [B, T]).
@@ -347,6 +359,8 @@ class GPT(nn.Module):
         attend to every filled slot. Returns (logits, new_cache) when given.
       key_valid_BS: bool [B, S]; False marks key slots (e.g. left padding)
         that no query may attend to. S = T without cache, cache slots with.
+      segment_ids_BT: int [B, T] (no cache): attention stays within runs of
+        equal ids, e.g. the documents packed in a window (data.segments).
       return_hidden: also return the final hidden states [B, T, D] (after the
         final LayerNorm for pre-LN), e.g. for classification heads.
     """
@@ -356,6 +370,8 @@ class GPT(nn.Module):
     start = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
     if cache is None and T > cfg.block_size:
       raise ValueError(f"sequence of {T} tokens exceeds model.block_size={cfg.block_size}")
+    if cache is not None and segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT is for full forwards; decoding with a cache has no segments")
     # `end` is shared by the batch, or one per row ([B]: speculative decoding).
     q_slot_BT = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     if positions_BT is None:
@@ -373,7 +389,7 @@ class GPT(nn.Module):
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
-    ctx = {"q_slot_BT": q_slot_BT, "key_valid_BS": key_valid_BS, "end": start}
+    ctx = {"q_slot_BT": q_slot_BT, "key_valid_BS": key_valid_BS, "segment_BT": segment_ids_BT, "end": start}
     windows = layer_windows(cfg)
     block_cls = Block
     if cfg.remat != "none":

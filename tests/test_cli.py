@@ -1,6 +1,7 @@
 """Command-line plumbing: config files and overrides parsed as every entry point parses them, and
 every bad flag, config file, override or UserError ending as one `error:` line with exit status 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -148,3 +149,28 @@ def test_run_exits_2_with_one_error_line(args, error):
   assert r.returncode == 2 and r.stdout == "", r.stderr
   lines = r.stderr.splitlines()
   assert len(lines) == 1 and lines[0].startswith(error), r.stderr
+
+
+def test_packaged_config_paths_work_from_any_directory(tmp_path, monkeypatch):
+  # With the package installed, `--config=configs/NAME.py` names the packaged file when the
+  # current directory has no such file; a path that exists here, or names no packaged file, stays.
+  monkeypatch.chdir(tmp_path)
+  assert Path(cli.config_path("configs/debug.py")) == ROOT / "configs" / "debug.py"
+  assert cli.config_path("configs/debug.py:x") == f"{ROOT / 'configs' / 'debug.py'}:x"
+  assert cli.config_path("configs/no_such.py") == "configs/no_such.py"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "debug.py").write_text("def get_config():\n  return None\n")
+  assert cli.config_path("configs/debug.py") == "configs/debug.py"
+  (tmp_path / "configs" / "debug.py").unlink()
+  assert cli.load_config("configs/debug.py", ["--config.train.batch_size=3"]).train.batch_size == 3
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+    [sys.executable, "-m", "gpt_jax.plan", "--config=configs/debug.py", "--json"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)["params"] == 36736  # configs/debug.py's model (tests/test_model.py).
