@@ -73,7 +73,8 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   layer's buffer is then updated in place, never sliced out and restacked);
   `end`: slots filled so far
   (shared by the batch: ragged prompts are left-padded and their pad slots
-  masked through `key_valid_BS`).
+  masked through `key_valid_BS`; an int32 [B] of per-row ends instead makes
+  each row write at its own slot, as speculative decoding needs).
   """
   if max_len > cfg.block_size:
     raise ValueError(f"cache of {max_len} slots exceeds model.block_size={cfg.block_size}")
@@ -137,19 +138,30 @@ class Projection(nn.Module):
     ins, outs = "abcd"[: self.num_in], "efgh"[: len(self.features)]
     bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
     bias = bias.astype(dtype).reshape((1,) * (x.ndim - self.num_in) + bias.shape)
+    # int8 kernels (gpt_jax.quantize) come with one scale per output: the
+    # product is scaled after the contraction, activations stay in `dtype`.
+    scale = self.get_variable("params", "kernel_scale")
+
+    def scaled(y):
+      if scale is None:
+        return y
+      return y * scale.astype(dtype).reshape((1,) * (y.ndim - scale.ndim) + scale.shape)
+
     if self.cfg.kernel_layout == "in_out":
       kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
-      return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+      y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype))
+      return scaled(y) + bias
     # Kernels stored [outputs..., inputs...] (layout.transpose_kernels): decoding on CPU.
     axes = (*self.axes[self.num_in :], *self.axes[: self.num_in])
     kernel = self.param("kernel", _normal(self.std, axes), (*self.features, *in_shape), param_dtype)
     lead = x.shape[: x.ndim - self.num_in]
     rows, n_in, n_out = int(np.prod(lead)), int(np.prod(in_shape)), int(np.prod(self.features))
     if rows > _FEW_ROWS:
-      return jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+      y = jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype))
+      return scaled(y) + bias
     kernel_NK = kernel.reshape(n_out, n_in).astype(dtype)
     y_NM = jnp.einsum("NK,MK->NM", kernel_NK, x.reshape(rows, n_in).astype(dtype))
-    return jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features) + bias
+    return scaled(jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features)) + bias
 
 
 def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
@@ -203,8 +215,11 @@ class CausalSelfAttention(nn.Module):
     else:  # Decoding: write this chunk into the head-major cache at slot `end`.
       end = ctx["end"]
       to_cache = lambda x_BTHK, c: x_BTHK.astype(c.dtype).transpose(0, 2, 1, 3)
-      k_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[0], to_cache(k_BTHK, kv[0]), end, 2)
-      v_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[1], to_cache(v_BTHK, kv[1]), end, 2)
+      write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=2)
+      if end.ndim == 1:  # Per-row ends (speculative decoding): each row writes at its own slot.
+        write = jax.vmap(functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=1))
+      k_BHSK = write(kv[0], to_cache(k_BTHK, kv[0]), end)
+      v_BHSK = write(kv[1], to_cache(v_BTHK, kv[1]), end)
       new_kv = (k_BHSK, v_BHSK)
       if cfg.attention_impl in ("xla", "cudnn"):  # cuDNN's kernels are for training-length queries.
         # Scores straight from the [B, H, S, K] cache: a batched matmul over
@@ -357,14 +372,20 @@ class GPT(nn.Module):
       raise ValueError(f"sequence of {T} tokens exceeds model.block_size={cfg.block_size}")
     if cache is not None and segment_ids_BT is not None:
       raise ValueError("segment_ids_BT is for full forwards; decoding with a cache has no segments")
-    q_slot_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    # `end` is shared by the batch, or one per row ([B]: speculative decoding).
+    q_slot_BT = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     if positions_BT is None:
       positions_BT = q_slot_BT
 
     wte_VD = self.param(
       "wte", _normal(cfg.init_std, ("vocab", "embed")), (padded_vocab_size(cfg), cfg.d_model), param_dtype
     )
-    x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + self._positions(positions_BT)).astype(dtype)
+    # An int8 table (gpt_jax.quantize) has one scale per token row, for the lookup and the tied head.
+    wte_scale_V = self.get_variable("params", "wte_scale")
+    tok_BTD = jnp.take(wte_VD, tokens_BT, axis=0)
+    if wte_scale_V is not None:
+      tok_BTD = tok_BTD.astype(param_dtype) * jnp.take(wte_scale_V, tokens_BT, axis=0)[..., None]
+    x_BTD = (tok_BTD + self._positions(positions_BT)).astype(dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
@@ -397,7 +418,10 @@ class GPT(nn.Module):
 
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)[..., : cfg.vocab_size]
+    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)
+    if wte_scale_V is not None:
+      logits_BTV = logits_BTV * wte_scale_V[None, None]
+    logits_BTV = logits_BTV[..., : cfg.vocab_size]
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
     out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
     if cache is None:
