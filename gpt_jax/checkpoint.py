@@ -3,7 +3,8 @@
 Layouts
 - Training workdir: `config.json` (the resolved config), `tokenizer/`,
   `checkpoints/<step>/{state,data,meta}` (Orbax CheckpointManager items:
-  TrainState, grain iterator state per process, JSON metadata).
+  TrainState, the data iterator's state as one JSON for all processes (its
+  global position: loader.ElasticIterator), JSON metadata).
 - Params export (`python -m gpt_jax.convert --out=DIR`): `config.json`,
   `params/` (Orbax), optional `tokenizer/`.
 This module only reads and writes them with Orbax; loading.py finds which
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -80,19 +80,27 @@ def save(manager, step: int, state, data_iter, meta: dict, *, force: bool = Fals
   inf: the checksums and that check are one jitted pass over the state, on
   its devices, before Orbax copies it to the host.
   """
-  extra = {"data": _data_digests(data_iter)} if data_iter is not None else {}
+  # The data iterator's state is global (the same on every process), so it is one JSON, written by
+  # process 0, that restores under any process count; the meta item seals its digest.
+  data_state = data_iter.get_state() if data_iter is not None else None
+  extra = {"data": integrity.json_digest(data_state)} if data_iter is not None else {}
   meta = integrity.sealed_meta(state, meta, f"step {step}", **extra)
   args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
   if data_iter is not None:
-    args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    args["data"] = ocp.args.JsonSave(data_state)
   return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def _data_digests(data_iter) -> list[str]:
-  """SHA-256 of every process's data-iterator state (index = process), for the meta item."""
-  mine = np.frombuffer(bytes.fromhex(integrity.json_digest(data_iter.get_state())), np.uint8)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-  return [bytes(row).hex() for row in every]
+def _check_data_state(manager, step: int) -> None:
+  """Refuses a checkpoint whose data item is grain's per-process state (written before the global one)."""
+  data_dir = epath.Path(manager.directory) / str(step) / "data"
+  legacy = sorted(p.name for p in data_dir.glob("process_*-of-*.json")) if data_dir.exists() else []
+  if legacy:
+    raise UserError(
+      f"checkpoint {data_dir.parent} holds a per-process grain data state ({legacy[0]}, ...) from an older "
+      "gpt_jax, which this one cannot continue; continue it with that version, or start a new --workdir "
+      "with --config.init_from=<this workdir> to keep its params"
+    )
 
 
 def _agree(reason: str | None) -> str | None:
@@ -114,10 +122,8 @@ def _restore_verified(manager, step: int, args: dict, data_iter):
   meta, record = integrity.unseal(restored.meta)
   integrity.verify(restored.state, record)
   if record is not None and data_iter is not None and "data" in record:
-    index = jax.process_index()
-    want = record["data"][index] if index < len(record["data"]) else None
-    if integrity.json_digest(data_iter.get_state()) != want:
-      raise integrity.CorruptCheckpoint(f"the data-iterator state of process {index} differs from its digest")
+    if integrity.json_digest(restored.data) != record["data"]:
+      raise integrity.CorruptCheckpoint("the data-iterator state differs from its digest")
   return restored, meta
 
 
@@ -130,12 +136,16 @@ def restore_latest(manager, abstract_state, data_iter):
   restores is renamed `<step>.unreadable` (kept for inspection, never listed
   again), so the resumed run can save that step anew. When none restores,
   the run stops with UserError and every checkpoint is left as it was.
+  `data_iter` (get_state / set_state of JSON) continues from the restored
+  step's data state; a state it refuses (another data order, or an older
+  gpt_jax's per-process grain state) stops the run in one line.
   """
   failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      _check_data_state(manager, step)
+      args["data"] = ocp.args.JsonRestore()
     reason = None
     try:
       restored, meta = _restore_verified(manager, step, args, data_iter)
@@ -151,6 +161,8 @@ def restore_latest(manager, abstract_state, data_iter):
       logging.error("checkpoint at step %d cannot be restored (%s); trying the previous one", step, reason)
       failed.append((step, reason))
       continue
+    if data_iter is not None:
+      data_iter.set_state(restored.data)  # Refuses, in one line, a state of another data order.
     if failed:
       _set_aside(manager, [s for s, _ in failed])
     return restored.state, meta, step

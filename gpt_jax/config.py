@@ -19,7 +19,7 @@ from gpt_jax import (
   metrics,
   model_config,
   optim,
-  sample,
+  sampling,
   sharding,
   train,
 )
@@ -44,7 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   s = config.sample
   errors.non_negative(config, "sample.num_samples")
   try:
-    sample.check_sampling(s.temperature, s.top_k, s.top_p, s.max_new_tokens, prefix="config.sample.")
+    sampling.check_sampling(s.temperature, s.top_k, s.top_p, s.max_new_tokens, prefix="config.sample.")
   except errors.UserError as e:
     raise errors.ConfigError(str(e)) from None
   return config

@@ -1,26 +1,32 @@
-"""Documents -> tokens (cached once) -> packed windows -> per-host grain iterator.
+"""Documents -> token cache (built once, with every core) -> packed windows -> the global batch order.
 
-Pipeline (documents from gpt_jax.data_sources):
-1. Each split's documents are tokenised once, <|endoftext|> appended to each
-   (GPT-2 §2: documents are concatenated with this separator), and stored as
-   one .npy token stream per split in a cache directory
+Pipeline (documents and mixtures from gpt_jax.data_sources):
+1. Each source's documents are tokenised once, <|endoftext|> appended to each
+   (GPT-2 §2: documents are concatenated with this separator), into a token
+   store (gpt_jax/token_store.py, format 2): raw shards of both splits written
+   in one pass by a thread pool, memory bounded by the chunk size, under
    <data_dir>/tokens/<source>-<hash>/ with a header.json that records the
-   tokenizer fingerprint, the source and the counts. The cache is written in a
-   tmp directory and renamed into place, so a crash never leaves a half cache
-   that a later run would reuse; a cache made with another tokenizer is
-   refused, never overwritten.
+   tokenizer fingerprint, the source and the counts. It is published by one
+   rename, so a crash never leaves a half cache that a later run would reuse;
+   a cache made with another tokenizer is refused, never overwritten. With
+   several processes on a shared disk each tokenises its share of the
+   documents into its own shard. A cache of the old format (one .npy per
+   split) sits under another name and is simply not used: the new one is
+   built beside it.
+   Pre-tokenised GPT-2 files (nanoGPT / llm.c .bin) are the token cache as they are.
 2. Windows of seq_len + 1 tokens with stride seq_len: window i is
    stream[i*T : i*T + T + 1], so consecutive windows share one boundary token
    and every token after the first is a prediction target exactly once per
    epoch; the tail that does not fill a window is dropped (training only).
-3. Training: grain `MapDataset.source(windows).shuffle(seed).repeat()`, which
-   draws a fresh permutation per epoch, then `[process_index::process_count]`
-   so hosts read disjoint windows of the same global order, then batched. The
-   iterator state is a few integers; restoring it continues the same stream.
-4. Validation: the held-out stream cut the same way, including the last
-   partial window, in order; rows past the end of the stream are padding, and
-   every eval batch carries "mask" float32 [rows, seq_len] (1 = a real
+3. Training: loader.ElasticIterator over every source's windows, mixed by
+   weight; the global batch at step s is the same windows for any process
+   count, and the iterator's state is a global position (one JSON).
+4. Validation: each source's held-out stream cut the same way, including the
+   last partial window, in order; rows past the end of the stream are padding,
+   and every eval batch carries "mask" float32 [rows, seq_len] (1 = a real
    target), so the whole validation split can be scored exactly.
+5. Document masking (data.document_mask): `segments` gives each window's
+   segment ids and positions from its tokens, on device.
 """
 
 from __future__ import annotations
@@ -28,91 +34,55 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt_jax import cli, data_sources, loader, paths
+from gpt_jax import cli, data_bench, data_sources, loader, paths, token_store
 from gpt_jax import config as config_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data_sources import iter_documents  # noqa: F401  (part of this module's API)
 from gpt_jax.errors import UserError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = token_store.FORMAT
 SPLITS = ("train", "validation")
-_ENCODE_CHARS = 1 << 20  # characters per encode_batch call while tokenising
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenCache:
-  """A published token cache: one .npy stream per split plus header.json."""
+  """A source's token streams: a published token store, or token files used as they are (directory None)."""
 
-  directory: Path
+  directory: Path | None
   header: dict
+  streams: dict  # split -> token_store.TokenStream
 
-  def path(self, split: str) -> Path:
-    return self.directory / f"{split}.npy"
-
-  def tokens(self, split: str) -> np.ndarray:
-    return np.load(self.path(split), mmap_mode="r")
+  def tokens(self, split: str) -> token_store.TokenStream:
+    return self.streams[split]
 
   def num_tokens(self, split: str) -> int:
     return int(self.header["splits"][split]["tokens"])
 
-
-def cache_dir(config, workdir: str) -> Path:
-  """<data_dir>/tokens/<source>-<hash of the source description>."""
-  data_dir = Path(data_sources.resolve_data_dir(config.data, workdir))
-  desc = data_sources.describe(config.data, str(data_dir))
-  return data_dir / "tokens" / f"{config.data.source}-{hashlib.sha256(desc.encode()).hexdigest()[:12]}"
+  @property
+  def source(self) -> str:
+    return self.header["source"]
 
 
-def _token_dtype(vocab_size: int):
-  return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def _tokenize_split(docs, tokenizer, out: Path, dtype) -> tuple[int, int]:
-  """Streams docs into out (.npy); returns (documents, tokens)."""
-  raw_path = out.with_suffix(".bin")
-  n_docs = n_tokens = 0
-  with open(raw_path, "wb") as raw:
-    pending, chars = [], 0
-
-    def flush():
-      nonlocal n_docs, n_tokens
-      for ids in tokenizer.encode_batch(pending):
-        ids.append(tokenizer.eot_id)
-        raw.write(np.asarray(ids, dtype=dtype).tobytes())
-        n_tokens += len(ids)
-      n_docs += len(pending)
-      pending.clear()
-
-    for doc in docs:
-      pending.append(doc)
-      chars += len(doc)
-      if chars >= _ENCODE_CHARS:
-        flush()
-        chars = 0
-        logging.info("tokenised %d documents, %d tokens -> %s", n_docs, n_tokens, out.name)
-    flush()
-  # The stream's length is known only now: write the .npy header, then copy.
-  arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n_tokens,))
-  step = 1 << 24
-  with open(raw_path, "rb") as raw:
-    for s in range(0, n_tokens, step):
-      chunk = np.frombuffer(raw.read(step * arr.itemsize), dtype=dtype)
-      arr[s : s + len(chunk)] = chunk
-  arr.flush()
-  del arr
-  raw_path.unlink()
-  return n_docs, n_tokens
+def cache_dir(data_cfg, workdir: str) -> Path:
+  """<data_dir>/tokens/<source>-<hash of the cache format and the source description>."""
+  data_dir = Path(data_sources.resolve_data_dir(data_cfg, workdir))
+  key = f"format {CACHE_FORMAT}; {data_sources.describe(data_cfg)}"
+  return data_dir / "tokens" / f"{data_cfg.source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _check_header(directory: Path, header: dict, tokenizer) -> None:
@@ -128,48 +98,127 @@ def _check_header(directory: Path, header: dict, tokenizer) -> None:
     )
 
 
-def prepare_cache(config, tokenizer, workdir: str, *, process_index: int = 0) -> TokenCache:
-  """The token cache of config.data for tokenizer, built once on first use.
+@functools.cache
+def _gpt2_fingerprint() -> str:
+  return tokenizer_lib.gpt2().fingerprint
 
-  In a workdir on a shared filesystem process 0 builds it and the others wait.
-  With a URL workdir (gs://...) no disk is assumed shared: the first process
-  of each host to take the folder's lock builds it (racing hosts on a shared
-  data.data_dir each publish a complete copy; one is kept).
+
+def _token_file_cache(data_cfg, tokenizer, files: dict) -> TokenCache:
+  if tokenizer.fingerprint != _gpt2_fingerprint():
+    raise UserError(
+      f"data.paths={data_cfg.paths!r}: token files hold GPT-2 BPE ids, but this run's tokenizer is "
+      f"{tokenizer.kind!r} with {tokenizer.vocab_size} ids; set data.tokenizer='gpt2' (the original files)"
+    )
+  streams = {split: token_store.TokenStream.from_token_files(fs) for split, fs in files.items()}
+  header = {
+    "format": CACHE_FORMAT,
+    "source": data_sources.describe(data_cfg),
+    "tokenizer_fingerprint": tokenizer.fingerprint,
+    "eot_id": tokenizer.eot_id,
+    "dtype": "uint16",
+    "splits": {
+      split: {"documents": sum(f.documents for f in fs), "tokens": len(streams[split]), "files": len(fs)}
+      for split, fs in files.items()
+    },
+  }
+  return TokenCache(None, header, streams)
+
+
+def prepare_cache(
+  data_cfg,
+  tokenizer,
+  workdir: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  min_train_tokens: int = 0,
+):
+  """The TokenCache of one source (a data.* section) for tokenizer, built once on first use.
+
+  A new cache whose training split has fewer than min_train_tokens tokens
+  (one window) is refused before it is published.
+
+  In a workdir on a shared filesystem the processes split the documents and
+  each tokenises its share into a shard (files cut by data.max_documents,
+  counted from the first file, are built by process 0 alone). With a URL workdir (gs://...) no disk is
+  assumed shared: the first process of each host to take the folder's lock
+  builds the whole cache (racing hosts on a shared data.data_dir each
+  publish a complete copy; one is kept).
   """
-  directory = cache_dir(config, workdir)
+  files = data_sources.token_files(data_cfg)
+  if files is not None:
+    return _token_file_cache(data_cfg, tokenizer, files)
+  directory = cache_dir(data_cfg, workdir)
   header_path = directory / "header.json"
   if not header_path.exists():
     if paths.is_url(workdir):  # No shared disk assumed: each host builds its own.
       with _host_lock(directory):
         if not header_path.exists():
-          _build_cache(config, tokenizer, workdir, directory)
+          _build_cache(data_cfg, tokenizer, directory, min_train_tokens)
+    elif process_count > 1 and not (data_cfg.source == "files" and data_cfg.max_documents):
+      _build_cache(
+        data_cfg, tokenizer, directory, min_train_tokens, host=process_index, num_hosts=process_count
+      )
     elif process_index != 0:
       tokenizer_lib.wait_for(header_path, "the token cache")
     else:
-      _build_cache(config, tokenizer, workdir, directory)
+      _build_cache(data_cfg, tokenizer, directory, min_train_tokens)
   header = json.loads(header_path.read_text())
   _check_header(directory, header, tokenizer)
-  return TokenCache(directory, header)
+  streams = {split: token_store.TokenStream.from_store(directory, split) for split in SPLITS}
+  return TokenCache(directory, header, streams)
 
 
-def check_same_on_every_process(cache: TokenCache) -> None:
+def _build_cache(
+  data_cfg,
+  tokenizer,
+  directory: Path,
+  min_train_tokens: int = 0,
+  *,
+  host: int = 0,
+  num_hosts: int = 1,
+  **write_kw,
+) -> dict:
+  desc = data_sources.describe(data_cfg)
+
+  def accept(stats):
+    if stats["train"].tokens < min_train_tokens:
+      raise UserError(_too_short(desc, stats["train"].tokens, min_train_tokens))
+
+  header = token_store.build(
+    directory,
+    lambda h, n: data_sources.labelled_documents(data_cfg, h, n),
+    tokenizer,
+    SPLITS,
+    host=host,
+    num_hosts=num_hosts,
+    meta={"source": desc},
+    accept=accept,
+    total_bytes=data_sources.estimated_text_bytes(data_cfg, host, num_hosts),
+    desc=f"tokenising {data_cfg.source}",
+    **write_kw,
+  )
+  logging.info("token cache %s: %s", directory, {s: v["tokens"] for s, v in header["splits"].items()})
+  return header
+
+
+def check_same_on_every_process(caches) -> None:
   """Every process must read the same token streams, or their window counts,
   and so their collectives, differ. Hosts of a bucket run each tokenise
   their own copy of the data: compare what they made (all processes raise)."""
-  import jax
   from jax.experimental import multihost_utils
 
   if jax.process_count() == 1:
     return
-  made = {"splits": cache.header["splits"], "tokenizer": cache.header["tokenizer_fingerprint"]}
+  made = [{"splits": c.header["splits"], "tokenizer": c.header["tokenizer_fingerprint"]} for c in caches]
   digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).digest()[:16]
   every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.int32)))
   differs = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
   if differs:
-    tokens = {split: v["tokens"] for split, v in made["splits"].items()}
+    tokens = [{split: v["tokens"] for split, v in m["splits"].items()} for m in made]
     raise UserError(
       f"processes {differs} tokenised other data than process 0 (this is process {jax.process_index()}: "
-      f"{tokens} tokens in {cache.directory}); every host must see the same data.* settings and files"
+      f"{tokens} tokens); every host must see the same data.* settings and files"
     )
 
 
@@ -197,37 +246,6 @@ def _host_lock(directory: Path):
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_cache(config, tokenizer, workdir: str, directory: Path) -> None:
-  data_dir = data_sources.resolve_data_dir(config.data, workdir)
-  desc = data_sources.describe(config.data, data_dir)
-  dtype = _token_dtype(tokenizer.vocab_size)
-  tmp = tokenizer_lib.tmp_dir_for(directory)
-  header = {
-    "format": CACHE_FORMAT,
-    "source": desc,
-    "tokenizer_fingerprint": tokenizer.fingerprint,
-    "tokenizer_vocab_size": tokenizer.vocab_size,
-    "eot_id": tokenizer.eot_id,
-    "dtype": np.dtype(dtype).name,
-    "splits": {},
-  }
-  start = time.perf_counter()
-  try:
-    for split in SPLITS:
-      docs = data_sources.iter_documents(config.data, split, data_dir=data_dir)
-      n_docs, n_tokens = _tokenize_split(docs, tokenizer, tmp / f"{split}.npy", dtype)
-      if n_docs == 0:
-        raise UserError(f"{desc}: the {split} split has no documents")
-      header["splits"][split] = {"documents": n_docs, "tokens": n_tokens}
-    header["tokenize_seconds"] = round(time.perf_counter() - start, 2)
-    (tmp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  tokenizer_lib.publish_dir(tmp, directory)
-  logging.info("token cache %s: %s", directory, header["splits"])
-
-
 # --------------------------------------------------------------- windows
 
 
@@ -236,98 +254,102 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
   return max(0, (num_tokens - 1) // seq_len)
 
 
-class WindowSource:
-  """grain random-access source: window i of a token stream, {"tokens", "index"}.
+class StreamWindows:
+  """grain random-access source: window i = stream[i*T : i*T + T + 1] of a token stream.
 
-  The memmap is opened lazily and never pickled, so grain worker processes
-  receive only the path.
+  Items: {"tokens" int32 [T+1], "index" int64 (the window), "source" int32
+  (the source's position in the mixture)}. The stream (a TokenStream) opens
+  its memmaps lazily and never pickles them, so grain worker processes
+  receive only paths.
   """
 
-  def __init__(self, path: str, seq_len: int, count: int):
-    self.path, self.seq_len, self.count = path, seq_len, count
-    self._tokens = None
+  def __init__(self, stream, seq_len: int, source_id: int = 0):
+    self.stream, self.seq_len, self.source_id = stream, seq_len, source_id
+    self.count = num_windows(len(stream), seq_len)
 
   def __len__(self) -> int:
     return self.count
 
   def __getitem__(self, i: int) -> dict:
-    if self._tokens is None:
-      self._tokens = np.load(self.path, mmap_mode="r")
     i = int(i)
     s = i * self.seq_len
-    return {"tokens": self._tokens[s : s + self.seq_len + 1].astype(np.int32), "index": np.int64(i)}
-
-  def __getstate__(self):
-    return {**self.__dict__, "_tokens": None}
+    return {
+      "tokens": np.asarray(self.stream[s : s + self.seq_len + 1], np.int32),
+      "index": np.int64(i),
+      "source": np.int32(self.source_id),
+    }
 
   def __repr__(self) -> str:
-    return f"WindowSource({self.path}, seq_len={self.seq_len}, windows={self.count})"
+    return f"StreamWindows({self.stream}, seq_len={self.seq_len}, windows={self.count})"
+
+
+def sources(config) -> list[data_sources.Source]:
+  """The training sources of config.data (a mixture's entries, or data.* itself)."""
+  return data_sources.sources(config.data)
+
+
+def _too_short(source: str, tokens: int, window: int) -> str:
+  return f"{source}: the training split has {tokens} tokens, fewer than one window of seq_len + 1 = {window}"
+
+
+def _caches(config, tokenizer, workdir: str, process_index: int, process_count: int):
+  window = config_lib.seq_len(config) + 1
+  return [
+    (
+      s,
+      prepare_cache(
+        s.data,
+        tokenizer,
+        workdir,
+        process_index=process_index,
+        process_count=process_count,
+        min_train_tokens=window,
+      ),
+    )
+    for s in data_sources.sources(config.data)
+  ]
 
 
 def make_train_iterator(config, tokenizer, workdir: str, *, process_index: int, process_count: int):
-  """This process's infinite grain iterator of training batches.
+  """This process's infinite iterator of training batches (a loader.ElasticIterator).
 
-  Yields {"tokens": int32 [B, seq_len + 1], "index": int64 [B]} with
-  B = train.batch_size // process_count; "index" is each row's window id.
-  Checkpoint it with grain.checkpoint.CheckpointSave / CheckpointRestore (or
-  get_state / set_state); the state can be restored only under the same
-  data.num_workers.
+  Yields {"tokens": int32 [B, seq_len + 1], "index": int64 [B] (each row's
+  window in its source), "source": int32 [B] (its source's position among
+  data_sources.sources)} with B = train.batch_size // process_count.
+  Checkpoint it with get_state / set_state (JSON, the same on every
+  process); the state restores under any process count and data.num_workers.
   """
   seq_len = config_lib.seq_len(config)
   loader.rows_per_process(config.train.batch_size, process_count, "train.batch_size")
-  cache = prepare_cache(config, tokenizer, workdir, process_index=process_index)
-  n_tokens = cache.num_tokens("train")
-  count = num_windows(n_tokens, seq_len)
-  if count == 0:
-    raise UserError(
-      f"{cache.header['source']}: the training split has {n_tokens} tokens, fewer than one window of "
-      f"seq_len + 1 = {seq_len + 1}"
-    )
-  source = WindowSource(str(cache.path("train")), seq_len, count)
-  return loader.batches(
-    source,
-    batch_size=config.train.batch_size,
+  sources = []
+  for k, (s, cache) in enumerate(_caches(config, tokenizer, workdir, process_index, process_count)):
+    windows = StreamWindows(cache.tokens("train"), seq_len, k)
+    if len(windows) == 0:
+      raise UserError(_too_short(cache.source, len(cache.tokens("train")), seq_len + 1))
+    sources.append(loader.Source(s.name, windows, s.weight))
+  return loader.ElasticIterator(
+    sources,
     seed=config.data.shuffle_seed,
+    global_batch=config.train.batch_size,
     process_index=process_index,
     process_count=process_count,
-    data_cfg=config.data,
+    num_workers=config.data.num_workers,
+    prefetch=config.data.prefetch,
+    key={"seq_len": seq_len},
   )
 
 
-def make_eval_batches(
-  config,
-  tokenizer,
-  workdir: str,
-  *,
-  process_index: int,
-  process_count: int,
-  batch_size: int,
-  num_batches: int,
-) -> list[dict]:
-  """This process's share of the validation batches, the same list on every call.
-
-  Global batch b holds validation windows [b * batch_size, (b + 1) * batch_size)
-  in stream order (the last one may be partial: every validation token after
-  the first is a target exactly once over all batches); this process gets
-  rows [p * R, (p + 1) * R) of it, R = batch_size // process_count. Padding
-  (past the stream's end) has mask 0, tokens <|endoftext|> and index -1.
-  Each dict: "tokens" int32 [R, seq_len + 1], "index" int64 [R],
-  "mask" float32 [R, seq_len]. num_batches 0 = all.
-  """
-  seq_len = config_lib.seq_len(config)
+def eval_batches(tokens, seq_len: int, eot_id: int, *, process_index, process_count, batch_size, num_batches):
+  """This process's share of the validation batches of one token stream (see make_eval_batches)."""
   rows = loader.rows_per_process(batch_size, process_count, "eval.batch_size")
-  cache = prepare_cache(config, tokenizer, workdir, process_index=process_index)
-  tokens = cache.tokens("validation")
   n = len(tokens)
-  if n < 2:
-    raise UserError(f"{cache.header['source']}: the validation split has {n} token(s), nothing to predict")
   count = math.ceil((n - 1) / seq_len)
   total = math.ceil(count / batch_size)
   if num_batches > 0:
     total = min(total, num_batches)
   batches = []
   for b in range(total):
-    tok = np.full((rows, seq_len + 1), tokenizer.eot_id, np.int32)
+    tok = np.full((rows, seq_len + 1), eot_id, np.int32)
     index = np.full((rows,), -1, np.int64)
     mask = np.zeros((rows, seq_len), np.float32)
     for r in range(rows):
@@ -342,25 +364,88 @@ def make_eval_batches(
   return batches
 
 
-def unigram_loss(config, tokenizer, workdir: str, *, process_index: int = 0) -> float:
-  """Cross-entropy (nats/token) of the validation targets under a unigram model of the training tokens.
+def make_eval_batches(
+  config,
+  tokenizer,
+  workdir: str,
+  *,
+  process_index: int,
+  process_count: int,
+  batch_size: int,
+  num_batches: int,
+) -> dict[str, list[dict]]:
+  """{source name: this process's share of its validation batches}, the same on every call.
+
+  Global batch b holds validation windows [b * batch_size, (b + 1) * batch_size)
+  in stream order (the last one may be partial: every validation token after
+  the first is a target exactly once over all batches); this process gets
+  rows [p * R, (p + 1) * R) of it, R = batch_size // process_count. Padding
+  (past the stream's end) has mask 0, tokens <|endoftext|> and index -1.
+  Each dict: "tokens" int32 [R, seq_len + 1], "index" int64 [R],
+  "mask" float32 [R, seq_len]. num_batches 0 = all.
+  """
+  seq_len = config_lib.seq_len(config)
+  out = {}
+  for s, cache in _caches(config, tokenizer, workdir, process_index, process_count):
+    tokens = cache.tokens("validation")
+    if len(tokens) < 2:
+      raise UserError(f"{cache.source}: the validation split has {len(tokens)} token(s), nothing to predict")
+    out[s.name] = eval_batches(
+      tokens,
+      seq_len,
+      tokenizer.eot_id,
+      process_index=process_index,
+      process_count=process_count,
+      batch_size=batch_size,
+      num_batches=num_batches,
+    )
+  return out
+
+
+def unigram_loss(data_cfg, tokenizer, workdir: str, *, process_index: int = 0) -> float:
+  """Cross-entropy (nats/token) of a source's validation targets under a unigram model of its training set.
 
   p(v) = (count_train(v) + 1) / (N_train + V) (add-one smoothing over the
   tokenizer's V ids); the targets are the validation stream minus its first
   token, as scored by make_eval_batches with num_batches=0. A model that has
   learnt nothing beyond token frequencies sits at this loss.
   """
-  cache = prepare_cache(config, tokenizer, workdir, process_index=process_index)
+  cache = prepare_cache(data_cfg, tokenizer, workdir, process_index=process_index)
   vocab = tokenizer.vocab_size
-  train_counts = np.zeros(vocab, np.int64)
-  train = cache.tokens("train")
-  step = 1 << 24
-  for s in range(0, len(train), step):
-    train_counts += np.bincount(train[s : s + step], minlength=vocab)
+
+  def counts(stream, start=0):
+    total, step = np.zeros(vocab, np.int64), 1 << 24
+    for s in range(start, len(stream), step):
+      total += np.bincount(stream[s : s + step], minlength=vocab)
+    return total
+
+  train_counts = counts(cache.tokens("train"))
   log_p = np.log(train_counts + 1.0) - np.log(float(train_counts.sum() + vocab))
-  targets = cache.tokens("validation")[1:]
-  val_counts = np.bincount(targets, minlength=vocab)
-  return float(-(val_counts * log_p).sum() / max(len(targets), 1))
+  val_counts = counts(cache.tokens("validation"), start=1)
+  return float(-(val_counts * log_p).sum() / max(val_counts.sum(), 1))
+
+
+# ------------------------------------------------------ document masking
+
+
+def segments(tokens_BT, eot_id: int):
+  """(segment ids, positions) int32 [B, T] of inputs whose documents are separated by <|endoftext|>.
+
+  An <|endoftext|> starts a segment: it is the first input of the next
+  document (where llm.c places it; this cache and nanoGPT put it after each
+  document, which is the same stream). So the last token of a document still
+  predicts <|endoftext|> from its own document, the token after it is
+  predicted from <|endoftext|> alone (an unconditional start), and no target
+  is predicted across a boundary. Positions restart at 0 at each
+  <|endoftext|>; the window's first, cut document counts from the window
+  start. encode_ordinary never emits the <|endoftext|> id inside a document,
+  so the tokens alone say where documents end.
+  """
+  is_eot_BT = tokens_BT == eot_id
+  t_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[-1], dtype=jnp.int32), tokens_BT.shape)
+  segment_BT = jnp.cumsum(is_eot_BT, axis=-1, dtype=jnp.int32)
+  last_eot_BT = jax.lax.cummax(jnp.where(is_eot_BT, t_BT, 0), axis=tokens_BT.ndim - 1)
+  return segment_BT, t_BT - last_eot_BT
 
 
 # ------------------------------------------------------------------- CLI
@@ -368,29 +453,93 @@ def unigram_loss(config, tokenizer, workdir: str, *, process_index: int = 0) -> 
 _CONFIG = None
 
 
-def main(argv):
-  del argv
-  config = config_lib.validate(_CONFIG.value)
-  workdir = flags.FLAGS.workdir
+def _describe(config, workdir: str) -> None:
   start = time.perf_counter()
   tok = tokenizer_lib.for_run(config, workdir, process_index=0)
   print(f"tokenizer: {tok.kind}, {tok.vocab_size} ids ({time.perf_counter() - start:.1f} s)")
-  start = time.perf_counter()
-  cache = prepare_cache(config, tok, workdir)
-  print(f"cache: {cache.directory} ({time.perf_counter() - start:.1f} s)")
-  print(f"source: {cache.header['source']}")
   seq_len = config_lib.seq_len(config)
-  for split in SPLITS:
-    s = cache.header["splits"][split]
-    print(
-      f"{split}: {s['documents']} documents, {s['tokens']} tokens, "
-      f"{num_windows(s['tokens'], seq_len)} windows of {seq_len} + 1"
-    )
-  print(f"unigram validation loss: {unigram_loss(config, tok, workdir):.4f} nats/token")
+  for s in data_sources.sources(config.data):
+    start = time.perf_counter()
+    cache = prepare_cache(s.data, tok, workdir)
+    name = f"{s.name} (weight {s.weight:g}) " if config.data.mixture else ""
+    print(f"{name}cache: {cache.directory or 'token files'} ({time.perf_counter() - start:.1f} s)")
+    print(f"source: {cache.source}")
+    for split in SPLITS:
+      n = cache.header["splits"][split]
+      print(
+        f"{split}: {n['documents']} documents, {n['tokens']} tokens, "
+        f"{num_windows(n['tokens'], seq_len)} windows of {seq_len} + 1"
+      )
+    print(f"unigram validation loss: {unigram_loss(s.data, tok, workdir):.4f} nats/token")
+
+
+def _bench(config, workdir: str, f) -> dict:
+  """Builds every source's cache in a fresh data_dir, then times the real training iterator."""
+  out = {"sources": {}, "load_average_before": data_bench.load_average()}
+  with config.unlocked():
+    config.data.data_dir = str(Path(workdir) / "bench_data")
+  tok = tokenizer_lib.for_run(config, workdir, process_index=0)
+  cores = f.bench_threads or token_store.available_cores()
+  print(f"load average: {out['load_average_before']}; {cores} encoding threads")
+  for s in data_sources.sources(config.data):
+    if data_sources.token_files(s.data) is not None:
+      print(f"{s.name}: token files, nothing to build")
+      continue
+    texts = data_bench.sample(text for _, text in data_sources.labelled_documents(s.data))
+    build = functools.partial(_build_cache, s.data, tok, cache_dir(s.data, workdir), threads=cores)
+    r = data_bench.time_build(build, tok, texts, cores)
+    r["peak_rss_GiB"] = data_bench.peak_rss_bytes() / 2**30  # the builds so far, before any window is read
+    out["sources"][s.name] = r
+    print("\n".join(data_bench.build_lines(s.name, r)))
+  it = make_train_iterator(config, tok, workdir, process_index=0, process_count=1)
+  try:
+    out["iterator"] = data_bench.time_iterator(it, f.bench_batches)
+  finally:
+    it.close()
+  print("\n".join(data_bench.iterator_lines(out["iterator"], f.train_tokens_per_s)))
+  out["iterator"]["vs_training"] = out["iterator"]["tokens_per_s"] / f.train_tokens_per_s
+  out["peak_rss_GiB"] = data_bench.peak_rss_bytes() / 2**30
+  out["rss_after_iterator_GiB"] = data_bench.rss_now()
+  out["load_average_after"] = data_bench.load_average()
+  now = out["rss_after_iterator_GiB"]
+  split = f" (now {now['anon']:.2f} GiB allocated + {now['file']:.2f} GiB of mapped files)" if now else ""
+  print(f"peak RSS: {out['peak_rss_GiB']:.2f} GiB{split}; load average: {out['load_average_after']}")
+  return out
+
+
+def main(argv):
+  f = flags.FLAGS
+  config = config_lib.validate(_CONFIG.value)
+  if f.json_out and not Path(f.json_out).absolute().parent.is_dir():
+    raise UserError(f"--json_out={f.json_out}: folder {Path(f.json_out).absolute().parent} does not exist")
+  if not f.bench:
+    if not f.workdir:
+      raise UserError("--workdir: give the run directory (tokenizer and, by default, the data cache)")
+    _describe(config, f.workdir)
+    return
+  with contextlib.ExitStack() as stack:
+    workdir = f.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt_jax_data_bench_"))
+    try:
+      out = _bench(config, workdir, f)
+    finally:
+      shutil.rmtree(Path(workdir) / "bench_data", ignore_errors=True)
+  out["command"] = " ".join(["python -m gpt_jax.data", *argv[1:]])
+  if f.json_out:
+    Path(f.json_out).write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Training configuration file.")
   flags.DEFINE_string("workdir", None, "Run directory (tokenizer and, by default, the data cache).")
-  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_bool(
+    "bench", False, "Time building every source's cache (in a fresh folder) and the iterator."
+  )
+  flags.DEFINE_integer("bench_threads", 0, "--bench: encoding threads (0 = the cores this process may use).")
+  flags.DEFINE_integer("bench_batches", 300, "--bench: training batches to time.")
+  flags.DEFINE_float(
+    "train_tokens_per_s",
+    10_279.0,
+    "--bench: training speed to compare the iterator with (the default job's, README).",
+  )
+  flags.DEFINE_string("json_out", "", "--bench: also write every figure to this JSON file.")
   cli.run(main)

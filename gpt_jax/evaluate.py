@@ -29,7 +29,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gpt_jax import cli, eval_tasks, loading, model_config, sample, sharding
+from gpt_jax import cli, eval_tasks, loading, model_config, sample, sharding, speculative
 from gpt_jax import model as model_lib
 from gpt_jax.errors import UserError
 
@@ -223,6 +223,7 @@ class _Job:
   tok: object
   opts: Options
   name: str
+  draft: Any = None  # speculative.Draft: generate tasks decode speculatively.
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text) if text else []
@@ -417,6 +418,7 @@ def _run_generate(job: _Job, items, shots_for) -> tuple[dict, list[dict]]:
     batch_size=job.opts.batch_size,
     progress=job.opts.progress,
     desc=job.name,
+    draft=job.draft,
   )
   em = [eval_tasks.exact_match(t, it["answers"]) for t, it in zip(texts, items)]
   f1 = [eval_tasks.f1(t, it["answers"]) for t, it in zip(texts, items)]
@@ -454,7 +456,7 @@ def generate_texts(
 ) -> list[str]:
   """Continuations of token prompts as text, cut before the first stop string.
 
-  Greedy unless `sampling` (temperature, top_k, top_p, seed: see
+  Greedy unless `sampling` (temperature, top_k, top_p, seed, draft: see
   gpt_jax.sample.generate) says otherwise. Prompts go to the KV-cache sampler
   in length-sorted groups of batch_size, so each group pads to a similar
   length; results come back in the input order.
@@ -520,10 +522,13 @@ def check_options(opts: Options) -> None:
     raise UserError(f"--batch_size={opts.batch_size} must be > 0")
 
 
-def run_task(model_cfg, params, tokenizer, spec, options: Options | None = None, loaded=None) -> TaskResult:
+def run_task(
+  model_cfg, params, tokenizer, spec, options: Options | None = None, loaded=None, draft=None
+) -> TaskResult:
   """One task (a spec string or TaskSpec): metrics with standard errors, and per-item samples.
 
   `loaded`: the task's (items, few-shot pool, pool is the items) from `_load`, if read already.
+  `draft`: a speculative.Draft for generate tasks (the same tokens when greedy, fewer target passes).
   """
   opts = options or Options()
   if isinstance(spec, str):
@@ -539,7 +544,7 @@ def run_task(model_cfg, params, tokenizer, spec, options: Options | None = None,
 
   if opts.limit > 0:
     items = items[: opts.limit]
-  job = _Job(model_cfg, params, tokenizer, opts, spec.name)
+  job = _Job(model_cfg, params, tokenizer, opts, spec.name, draft)
   metrics, samples = RUNNERS[spec.kind](job, items, shots_for)
   return TaskResult(spec.name, metrics, samples)
 
@@ -611,6 +616,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("tfds_data_dir", "", "TFDS data_dir holding prepared datasets (default: TFDS's).")
   flags.DEFINE_string("output", "", "Write results JSON here.")
   flags.DEFINE_string("samples_output", "", "Write one JSON line per evaluated item here.")
+  speculative.define_flags()
 
 
 def main(argv) -> None:
@@ -643,13 +649,17 @@ def main(argv) -> None:
     progress=True,
   )
   loaded = load_specs(f.task, opts)  # Bad task files and options fail here, before the model loads.
-  model_cfg, params, tok = loading.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir)
-  results = [run_task(model_cfg, params, tok, s, opts, data) for s, data in loaded]
+  model_cfg, params, tok = loading.load_for_inference(workdir=f.workdir, hf_dir=f.hf_dir, weights=f.weights)
+  draft = speculative.draft_from_flags(model_cfg, tok)
+  results = [run_task(model_cfg, params, tok, s, opts, data, draft) for s, data in loaded]
   table = {r.name: r.metrics for r in results}
   print(eval_tasks.format_table(table), flush=True)
   if f.output:
     run_config = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
     run_config.update(workdir=f.workdir, hf_dir=f.hf_dir, tasks=list(f.task), model=model_cfg.to_dict())
+    run_config.update(weights=f.weights, draft_workdir=f.draft_workdir, draft_hf_dir=f.draft_hf_dir)
+    if draft is not None:
+      run_config["draft_tokens"] = draft.tokens
     eval_tasks.write_json(f.output, {"tasks": table, "config": run_config})
   if f.samples_output:
     eval_tasks.write_json(

@@ -30,7 +30,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from gpt_jax import eval_tasks, evaluate, loading, model_config
+from gpt_jax import eval_tasks, evaluate, loading, model_config, speculative
 from gpt_jax.errors import UserError
 
 DEFAULT_BATCH_SIZE = 8
@@ -63,16 +63,38 @@ class GptJaxLM(TemplateLM):
     device=None,
     rolling_stride: int = 0,
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    draft_workdir: str | None = None,
+    draft_hf_dir: str | None = None,
+    draft_tokens=4,
+    weights: str = "float32",
     *,
     model_cfg=None,
     params=None,
     tokenizer=None,
+    draft=None,
     **unused,
   ):
     super().__init__()
+    # lm_eval's --model_args arrive as strings.
+    try:
+      draft_tokens = int(draft_tokens)
+    except (TypeError, ValueError):
+      raise UserError(f"draft_tokens={draft_tokens!r} must be an integer >= 1") from None
     if model_cfg is None:
-      model_cfg, params, tokenizer = loading.load_for_inference(workdir=workdir, hf_dir=hf_dir)
+      model_cfg, params, tokenizer = loading.load_for_inference(
+        workdir=workdir, hf_dir=hf_dir, weights=weights
+      )
     model_cfg = model_config.of(model_cfg)
+    if draft is None:
+      draft = speculative.load_draft(
+        model_cfg,
+        tokenizer,
+        workdir=draft_workdir,
+        hf_dir=draft_hf_dir,
+        draft_tokens=draft_tokens,
+        weights=weights,
+      )
+    self.draft = draft
     if unused:
       logging.warning("gpt_jax model ignores these arguments: %s", ", ".join(sorted(unused)))
     if device not in (None, "", "cpu", "cuda", "tpu"):
@@ -181,6 +203,7 @@ class GptJaxLM(TemplateLM):
         batch_size=self.batch_size,
         progress=not disable_tqdm,
         desc="generate_until",
+        draft=self.draft,
         **dict(sampling),
       )
       for (n, _), text in zip(members, texts):

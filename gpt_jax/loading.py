@@ -16,7 +16,7 @@ import jax
 from etils import epath
 
 from configs import base
-from gpt_jax import checkpoint, hf, model_config, paths, sharding
+from gpt_jax import checkpoint, hf, model_config, paths, quantize, sharding
 from gpt_jax import model as model_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
@@ -104,15 +104,19 @@ def load_params(path, *, shardings=None):
   return config, checkpoint.restore_params(step_dir / "state", abstract, in_state=True)
 
 
-def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *, mesh_config=None):
+def load_for_inference(
+  workdir: str | None = None, hf_dir: str | None = None, *, mesh_config=None, weights: str = "float32"
+):
   """(ModelConfig, params, tokenizer) for sampling / evaluation.
 
   `workdir`: a gpt_jax training workdir or params export (tokenizer from its
   tokenizer/ folder); `hf_dir`: a local Hugging Face GPT-2 folder (tokenizer
   from its vocab.json + merges.txt). A `workdir` that is a Hugging Face
   folder (an export of ours, say) is read as one. Params are sharded over
-  all devices by the config's mesh rules (or `mesh_config`).
+  all devices by the config's mesh rules (or `mesh_config`). `weights`
+  ("bfloat16", "int8"): matmul weights converted for decoding (gpt_jax.quantize).
   """
+  quantize.check_weights(weights)
   if (workdir is None) == (hf_dir is None):
     raise UserError("give exactly one of --workdir or --hf_dir")
   path = paths.run_dir(workdir) if workdir is not None else paths.run_dir(hf_dir, "--hf_dir")
@@ -138,4 +142,4 @@ def load_for_inference(workdir: str | None = None, hf_dir: str | None = None, *,
     if not tok_dir.exists():
       raise UserError(f"{path} has no tokenizer/ folder")
     tok = tokenizer_lib.load_dir(str(tok_dir))
-  return model_config.of(config.model), params, tok
+  return model_config.of(config.model), quantize.quantize_params(params, weights), tok

@@ -88,14 +88,20 @@ def check_platform(cfg, platform: str, where: str) -> None:
   )
 
 
-def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None):
-  """[B, 1, T, S] bool: key s visible to query t (causal, banded, valid)."""
+def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None, segment_BT=None):
+  """[B, 1, T, S] bool: key s visible to query t (causal, banded, valid, same segment).
+
+  segment_BT: segment ids of the T positions, which are also the keys (S = T,
+  no cache): a query sees only keys of its own segment (document masking).
+  """
   diff_BTS = q_slot_BT[:, :, None] - k_slot_S[None, None, :]
   mask_BTS = diff_BTS >= 0
   if window is not None:
     mask_BTS = mask_BTS & (diff_BTS < window)
   if key_valid_BS is not None:
     mask_BTS = mask_BTS & key_valid_BS[:, None, :]
+  if segment_BT is not None:
+    mask_BTS = mask_BTS & (segment_BT[:, :, None] == segment_BT[:, None, :])
   return mask_BTS[:, None]
 
 
@@ -108,7 +114,8 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> dict:
   layer's buffer is then updated in place, never sliced out and restacked);
   `end`: slots filled so far
   (shared by the batch: ragged prompts are left-padded and their pad slots
-  masked through `key_valid_BS`).
+  masked through `key_valid_BS`; an int32 [B] of per-row ends instead makes
+  each row write at its own slot, as speculative decoding needs).
   """
   if max_len > cfg.block_size:
     raise ValueError(f"cache of {max_len} slots exceeds model.block_size={cfg.block_size}")
@@ -172,19 +179,30 @@ class Projection(nn.Module):
     ins, outs = "abcd"[: self.num_in], "efgh"[: len(self.features)]
     bias = self.param("bias", _zeros(self.axes[self.num_in :]), self.features, param_dtype)
     bias = bias.astype(dtype).reshape((1,) * (x.ndim - self.num_in) + bias.shape)
+    # int8 kernels (gpt_jax.quantize) come with one scale per output: the
+    # product is scaled after the contraction, activations stay in `dtype`.
+    scale = self.get_variable("params", "kernel_scale")
+
+    def scaled(y):
+      if scale is None:
+        return y
+      return y * scale.astype(dtype).reshape((1,) * (y.ndim - scale.ndim) + scale.shape)
+
     if self.cfg.kernel_layout == "in_out":
       kernel = self.param("kernel", _normal(self.std, self.axes), (*in_shape, *self.features), param_dtype)
-      return jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+      y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype), kernel.astype(dtype))
+      return scaled(y) + bias
     # Kernels stored [outputs..., inputs...] (layout.transpose_kernels): decoding on CPU.
     axes = (*self.axes[self.num_in :], *self.axes[: self.num_in])
     kernel = self.param("kernel", _normal(self.std, axes), (*self.features, *in_shape), param_dtype)
     lead = x.shape[: x.ndim - self.num_in]
     rows, n_in, n_out = int(np.prod(lead)), int(np.prod(in_shape)), int(np.prod(self.features))
     if rows > _FEW_ROWS:
-      return jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype)) + bias
+      y = jnp.einsum(f"...{ins},{outs}{ins}->...{outs}", x.astype(dtype), kernel.astype(dtype))
+      return scaled(y) + bias
     kernel_NK = kernel.reshape(n_out, n_in).astype(dtype)
     y_NM = jnp.einsum("NK,MK->NM", kernel_NK, x.reshape(rows, n_in).astype(dtype))
-    return jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features) + bias
+    return scaled(jax.lax.optimization_barrier(y_NM).T.reshape(*lead, *self.features)) + bias
 
 
 def _attend(q_BTHK, k, v, mask, scores_spec, out_spec, dtype, dropout_rate):
@@ -239,8 +257,11 @@ class CausalSelfAttention(nn.Module):
     else:  # Decoding: write this chunk into the head-major cache at slot `end`.
       end = ctx["end"]
       to_cache = lambda x_BTHK, c: x_BTHK.astype(c.dtype).transpose(0, 2, 1, 3)
-      k_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[0], to_cache(k_BTHK, kv[0]), end, 2)
-      v_BHSK = jax.lax.dynamic_update_slice_in_dim(kv[1], to_cache(v_BTHK, kv[1]), end, 2)
+      write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=2)
+      if end.ndim == 1:  # Per-row ends (speculative decoding): each row writes at its own slot.
+        write = jax.vmap(functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=1))
+      k_BHSK = write(kv[0], to_cache(k_BTHK, kv[0]), end)
+      v_BHSK = write(kv[1], to_cache(v_BTHK, kv[1]), end)
       new_kv = (k_BHSK, v_BHSK)
       if cfg.attention_impl in ("xla", "cudnn"):  # cuDNN's kernels are for training-length queries.
         # Scores straight from the [B, H, S, K] cache: a batched matmul over
@@ -253,17 +274,21 @@ class CausalSelfAttention(nn.Module):
         return self._project(out_BTHK), new_kv
       k_BSHK, v_BSHK = k_BHSK.transpose(0, 2, 1, 3), v_BHSK.transpose(0, 2, 1, 3)
 
-    full_causal = kv is None and window is None and ctx["key_valid_BS"] is None
+    plain = ctx["key_valid_BS"] is None and ctx["segment_BT"] is None
+    full_causal = kv is None and window is None and plain
     static_window = window is None or isinstance(window, (int, np.integer))
     # Parameters do not depend on the kernel: init traces einsums, so shapes and
     # initial values come out on machines without cuDNN (planner, CPU loading).
     cudnn = cfg.attention_impl == "cudnn" and not self.is_initializing()
-    if cudnn and kv is None and static_window and ctx["key_valid_BS"] is None:
+    # Document masking takes the einsums: jax's public cuDNN call takes segments
+    # only as a dense [B, 1, T, S] bias (the packed q/kv offsets are private API).
+    if cudnn and kv is None and static_window and plain:
       out_BTHK = _cudnn_attend(q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window)
     elif self._splash(kv, ctx, q_BTHK.shape[1]):
       out_BTHK = tpu_attention.attention(
-        q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window, local_window=cfg.local_window
-      )
+        q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window,
+        local_window=cfg.local_window, segment_ids_BT=ctx["segment_BT"],
+      )  # fmt: skip
     elif cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
         q_BTHK,
@@ -281,8 +306,8 @@ class CausalSelfAttention(nn.Module):
 
   def _splash(self, kv, ctx, num_queries: int) -> bool:
     """attention_impl="splash" (the TPU Pallas kernel) for training-length forwards whose
-    length the kernel tiles (a multiple of 128); decoding, left padding and other lengths
-    take the einsums, as cuDNN's do."""
+    length the kernel tiles (a multiple of 128), documents in a window kept apart by the
+    kernel's segment ids; decoding, left padding and other lengths take the einsums."""
     return (
       self.cfg.attention_impl == "splash"
       and not self.is_initializing()
@@ -299,7 +324,9 @@ class CausalSelfAttention(nn.Module):
     )(out_BTHK)
 
   def _mask(self, ctx, window, num_keys):
-    return attention_mask(ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"])
+    return attention_mask(
+      ctx["q_slot_BT"], jnp.arange(num_keys), window, ctx["key_valid_BS"], ctx["segment_BT"]
+    )
 
 
 class MLP(nn.Module):
@@ -379,6 +406,7 @@ class GPT(nn.Module):
     positions_BT=None,
     cache: dict | None = None,
     key_valid_BS=None,
+    segment_ids_BT=None,
     return_hidden: bool = False,
     lm_head: bool = True,
   ):
@@ -391,6 +419,8 @@ class GPT(nn.Module):
         attend to every filled slot. Returns (logits, new_cache) when given.
       key_valid_BS: bool [B, S]; False marks key slots (e.g. left padding)
         that no query may attend to. S = T without cache, cache slots with.
+      segment_ids_BT: int [B, T] (no cache): attention stays within runs of
+        equal ids, e.g. the documents packed in a window (data.segments).
       return_hidden: also return the final hidden states [B, T, D] (after the
         final LayerNorm for pre-LN), e.g. for classification heads.
       lm_head: False returns those hidden states instead of the logits, which
@@ -402,18 +432,26 @@ class GPT(nn.Module):
     start = jnp.zeros((), jnp.int32) if cache is None else cache["end"]
     if cache is None and T > cfg.block_size:
       raise ValueError(f"sequence of {T} tokens exceeds model.block_size={cfg.block_size}")
-    q_slot_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is not None and segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT is for full forwards; decoding with a cache has no segments")
+    # `end` is shared by the batch, or one per row ([B]: speculative decoding).
+    q_slot_BT = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     if positions_BT is None:
       positions_BT = q_slot_BT
 
     wte_VD = self.param(
       "wte", _normal(cfg.init_std, ("vocab", "embed")), (padded_vocab_size(cfg), cfg.d_model), param_dtype
     )
-    x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + self._positions(positions_BT)).astype(dtype)
+    # An int8 table (gpt_jax.quantize) has one scale per token row, for the lookup and the tied head.
+    wte_scale_V = self.get_variable("params", "wte_scale")
+    tok_BTD = jnp.take(wte_VD, tokens_BT, axis=0)
+    if wte_scale_V is not None:
+      tok_BTD = tok_BTD.astype(param_dtype) * jnp.take(wte_scale_V, tokens_BT, axis=0)[..., None]
+    x_BTD = (tok_BTD + self._positions(positions_BT)).astype(dtype)
     x_BTD = nn.Dropout(cfg.embd_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
 
-    ctx = {"q_slot_BT": q_slot_BT, "key_valid_BS": key_valid_BS, "end": start}
+    ctx = {"q_slot_BT": q_slot_BT, "key_valid_BS": key_valid_BS, "segment_BT": segment_ids_BT, "end": start}
     windows = layer_windows(cfg)
     block_cls = Block
     if cfg.remat != "none":
@@ -443,7 +481,10 @@ class GPT(nn.Module):
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
     if lm_head:
-      logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)[..., : cfg.vocab_size]
+      logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)
+      if wte_scale_V is not None:
+        logits_BTV = logits_BTV * wte_scale_V[None, None]
+      logits_BTV = logits_BTV[..., : cfg.vocab_size]
       logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
       out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
     else:

@@ -23,24 +23,37 @@ from gpt_jax import data, errors, eval_tasks, evaluate, loss, model, paths, samp
 from gpt_jax import tokenizer as tokenizer_lib
 
 
-def lm_loss_fn(model_cfg):
+def lm_loss_fn(model_cfg, *, document_mask_eot: int | None = None, reset_positions: bool = False):
   """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32; with
-  model.loss_chunk, over the tied head in chunks (loss.py), never [B, T, V] at once."""
+  model.loss_chunk, over the tied head in chunks (loss.py), never [B, T, V] at once.
+
+  document_mask_eot: the <|endoftext|> id, to keep attention inside each
+  document of a window (data.segments; data.document_mask), with positions
+  restarting per document if reset_positions.
+  """
   gpt = model.GPT(model_cfg)
   m = gpt.cfg
 
   def loss_fn(params, batch, rng, deterministic):
     tokens_BT1 = batch["tokens"]
-    inputs_BT, rngs = tokens_BT1[:, :-1], {"dropout": rng}
+    inputs_BT = tokens_BT1[:, :-1]
+    kw = {}
+    if document_mask_eot is not None:
+      kw["segment_ids_BT"], positions_BT = data.segments(inputs_BT, document_mask_eot)
+      if reset_positions:
+        kw["positions_BT"] = positions_BT
+    rngs = {"dropout": rng}
     if m.loss_chunk:
-      h_BTD = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, lm_head=False)
+      h_BTD = gpt.apply(
+        {"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, lm_head=False, **kw
+      )
       mask_BT = batch.get("mask", jnp.ones(h_BTD.shape[:2], jnp.float32))
       nll_sum = loss.chunked_cross_entropy(
         h_BTD, params["wte"], tokens_BT1[:, 1:], mask_BT,
         chunk=m.loss_chunk, vocab_size=m.vocab_size, dtype=model.DTYPES[m.dtype],
       )  # fmt: skip
       return nll_sum, mask_BT.sum(), {}
-    logits_BTV = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
+    logits_BTV = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, **kw)
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
     mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
     return (nll_BT * mask_BT).sum(), mask_BT.sum(), {}
@@ -62,13 +75,18 @@ def check_run_inputs(config) -> None:
     )
 
 
-def _task(config, train_iter=None, eval_batches=(), meta=None, extra_eval=None, finish=None) -> train.Task:
+def _task(
+  config, eot_id: int, train_iter=None, eval_batches=(), meta=None, extra_eval=None, finish=None
+) -> train.Task:
+  d = config.data
   return train.Task(
     init_params=lambda rng: model.init_params(config.model, rng),
     param_specs=model.logical_specs(config.model),
-    loss_fn=lm_loss_fn(config.model),
+    loss_fn=lm_loss_fn(
+      config.model, document_mask_eot=eot_id if d.document_mask else None, reset_positions=d.reset_positions
+    ),
     train_iter=train_iter,
-    eval_batches=list(eval_batches),
+    eval_batches=eval_batches if isinstance(eval_batches, dict) else list(eval_batches),
     meta=meta or {},
     extra_eval=extra_eval,
     finish=finish,
@@ -97,7 +115,12 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
     batch_size=eval_bs,
     num_batches=config.eval.num_batches,
   )
-  data.check_same_on_every_process(data.prepare_cache(config, tok, workdir, process_index=pi))
+  data.check_same_on_every_process(
+    [
+      data.prepare_cache(s.data, tok, workdir, process_index=pi, process_count=pc)
+      for s in data.sources(config)
+    ]
+  )
 
   extra_eval = None
   if config.eval.tasks:
@@ -132,11 +155,22 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
         print(f"--- sample {i + 1} ---\n{s.prompt}{text}", flush=True)
     if not main:
       return None
-    # What a model that learnt only token frequencies scores: the number to beat.
-    baseline = data.unigram_loss(config, tok, workdir)
-    return {"unigram_loss": baseline, "unigram_perplexity": math.exp(min(baseline, 50.0))}
+    # What a model that learnt only token frequencies scores: the number to beat. A mixture's is
+    # per source, and overall the mean weighted by validation tokens, as eval_loss is.
+    out, total, weighted = {}, 0, 0.0
+    for source in data.sources(config):
+      baseline = data.unigram_loss(source.data, tok, workdir)
+      n = max(len(data.prepare_cache(source.data, tok, workdir).tokens("validation")) - 1, 1)
+      total, weighted = total + n, weighted + n * baseline
+      if config.data.mixture:
+        out[f"unigram/{source.name}/loss"] = baseline
+    baseline = weighted / total
+    out.update(unigram_loss=baseline, unigram_perplexity=math.exp(min(baseline, 50.0)))
+    return out
 
-  task = _task(config, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish)
+  task = _task(
+    config, tok.eot_id, train_iter, eval_batches, {"tokenizer": tok.fingerprint}, extra_eval, finish
+  )
   return dataclasses.replace(
     task,
     next_steps=next_steps(config, workdir),
@@ -191,5 +225,7 @@ def abstract_batch(config, mesh) -> dict:
 def train_program(config, mesh) -> tuple[train.Program, dict, train.Task]:
   """(program, abstract batch, task) of pretraining `config` on `mesh`, without data:
   `train.build` on the task `run` trains, for the planner and the benchmark."""
-  task = _task(config)
+  # The id only enters the program as a constant when data.document_mask is on:
+  # the last id is where both the GPT-2 BPE and a trained BPE put <|endoftext|>.
+  task = _task(config, config.model.vocab_size - 1)
   return train.build(task, config, mesh), abstract_batch(config, mesh), task

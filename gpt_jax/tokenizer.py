@@ -428,7 +428,7 @@ def for_run(config, workdir: str, *, process_index: int | None = None, pin: bool
   directory = epath.Path(workdir) / "tokenizer"
   if not (directory / META_FILE).exists():
     if process_index == 0:
-      tok = _build(config, workdir)
+      tok = _build(config)
       _check_fits(tok, config)
       if not pin:
         return tok
@@ -462,13 +462,12 @@ def _write(tok: Tokenizer, config, workdir: str) -> None:
   publish_dir(tmp, Path(directory))
 
 
-def _build(config, workdir: str) -> Tokenizer:
+def _build(config) -> Tokenizer:
   if config.data.tokenizer == "gpt2":
     return gpt2(config.data.tokenizer_path)
-  data_dir = data_sources.resolve_data_dir(config.data, workdir)
-  return train_bpe(
-    data_sources.iter_documents(config.data, "train", data_dir=data_dir), config.data.bpe_vocab_size
-  )
+  # A mixture's BPE is trained on every source's training documents, in source order.
+  texts = (t for s in data_sources.sources(config.data) for t in data_sources.iter_documents(s.data, "train"))
+  return train_bpe(texts, config.data.bpe_vocab_size)
 
 
 def _check_fits(tok: Tokenizer, config) -> None:

@@ -98,8 +98,10 @@ class Task:
   init_params: Callable[[jax.Array], Any]
   param_specs: Any  # Logical PartitionSpecs, same tree as the params.
   loss_fn: Callable
-  train_iter: Any  # Checkpointable grain iterator of per-process numpy batches.
-  eval_batches: list
+  train_iter: Any  # Iterator of per-process numpy batches with JSON get_state / set_state.
+  # Validation batches: a list, or {name: list} for several sets (reported
+  # as eval/<name>/loss each, and eval_loss over all of their tokens).
+  eval_batches: list | dict
   meta: dict  # Stored in every checkpoint; compared on resume (e.g. tokenizer fingerprint).
   extra_eval: Callable[[Any], dict] | None = None  # params -> metrics (zero-shot tasks, accuracy).
   # params -> metrics to record at the last step (baselines) or None; also prints (samples).
@@ -447,16 +449,27 @@ class _Preemption:
 # --------------------------------------------------------------- evaluation
 
 
-def evaluate_loss(eval_fn, params, batches, mesh) -> dict:
-  if not batches:
-    return {}
-  total, weight = 0.0, 0.0
-  for b in batches:
-    out = eval_fn(params, sharding.global_batch({k: v for k, v in b.items() if k != "index"}, mesh))
-    total += float(out["loss_sum"])
-    weight += float(out["weight"])
+def _loss_metrics(total: float, weight: float, prefix: str) -> dict:
   loss = total / max(weight, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
+
+
+def evaluate_loss(eval_fn, params, batches, mesh) -> dict:
+  """eval_loss / eval_perplexity over all batches; with {name: batches} also eval/<name>/loss, ... per set."""
+  sets = batches if isinstance(batches, dict) else {"": batches}
+  if not any(sets.values()):
+    return {}
+  out, total, weight = {}, 0.0, 0.0
+  for name, set_batches in sets.items():
+    set_total, set_weight = 0.0, 0.0
+    for b in set_batches:
+      sums = eval_fn(params, sharding.global_batch({k: v for k, v in b.items() if k != "index"}, mesh))
+      set_total += float(sums["loss_sum"])
+      set_weight += float(sums["weight"])
+    if len(sets) > 1:
+      out.update(_loss_metrics(set_total, set_weight, f"eval/{name}/"))
+    total, weight = total + set_total, weight + set_weight
+  return {**_loss_metrics(total, weight, "eval_"), **out}
 
 
 # ----------------------------------------------------------------------- run
@@ -698,6 +711,7 @@ class _Loop:
     local = self._next_batch(batch_size)
     self.data_wait += time.perf_counter() - t0
     index = local.pop("index", None)
+    local.pop("source", None)  # Which source of a mixture each row came from: not an input of the step.
     state, out = self.program.step(state, sharding.global_batch(local, self.mesh))
     self._settle()  # The previous step's metrics: by now the device is past it.
     self.pending = (step + 1, out, index)

@@ -151,6 +151,11 @@ process_command() {
   fi
 }
 
+# JAX's CPU collectives (gloo) print "[Gloo] Rank I is connected to N peer
+# ranks..." on every start; the terminal copy of process 0's output leaves it
+# out (its log keeps everything).
+gloo_noise='^\[Gloo\] Rank [0-9]* is connected to'
+
 # --dry-run prints what the launch below does, as a script: every process in
 # the background (process 0 through tee), then wait for them all.
 if ((dry_run)); then
@@ -158,7 +163,7 @@ if ((dry_run)); then
   for ((i = 0; i < num; i++)); do
     process_command "$i"
     if ((i == 0)); then
-      echo "$(quote "${cmd[@]}") 2>&1 | tee $(quote "$log_dir/process_$i.log") &"
+      echo "$(quote "${cmd[@]}") 2>&1 | tee $(quote "$log_dir/process_$i.log") | grep --line-buffered -v $(quote "$gloo_noise") &"
     else
       echo "$(quote "${cmd[@]}") > $(quote "$log_dir/process_$i.log") 2>&1 &"
     fi
@@ -181,7 +186,7 @@ for ((i = 0; i < num; i++)); do
   log="$log_dir/process_$i.log"
   if ((i == 0)); then
     # Process 0 is the one that logs: stream it and keep a copy.
-    "${cmd[@]}" > >(tee "$log") 2>&1 &
+    "${cmd[@]}" > >(tee "$log" | grep --line-buffered -v "$gloo_noise") 2>&1 &
   else
     "${cmd[@]}" >"$log" 2>&1 &
   fi

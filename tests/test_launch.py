@@ -140,7 +140,10 @@ def test_local_dry_run_prints_one_command_per_process():
   )
   # As launched: the log directory, every process in the background, then wait.
   assert lines[1] == "mkdir -p '/tmp/run x/logs'"
-  assert lines[2] == common + " --process_id=0 2>&1 | tee '/tmp/run x/logs/process_0.log' &"
+  assert lines[2] == (
+    common + " --process_id=0 2>&1 | tee '/tmp/run x/logs/process_0.log'"
+    " | grep --line-buffered -v '^\\[Gloo\\] Rank [0-9]* is connected to' &"
+  )
   assert lines[3] == common + " --process_id=1 > '/tmp/run x/logs/process_1.log' 2>&1 &"
   assert lines[4:] == ["wait"]
 

@@ -203,6 +203,71 @@ def test_causality_by_changing_later_tokens(debug_config, pattern):
   assert np.all(np.abs(other_BTV[:, cut:] - base_BTV[:, cut:]).max(-1) > 0)
 
 
+# ------------------------------------------------------- document masking
+
+
+def _segment_jacobian_norms(m, params, tokens_BT, segment_BT):
+  """|d logits[0, t] . r / d wpe[s]| [T, S] with segment ids (see _input_jacobian_norms)."""
+  r_V = jnp.asarray(np.random.default_rng(1).standard_normal(m.vocab_size), jnp.float32)
+
+  def f(wpe_PD):
+    logits_BTV = model.GPT(m).apply(
+      {"params": {**params, "wpe": wpe_PD}}, tokens_BT, segment_ids_BT=segment_BT
+    )
+    return logits_BTV[0] @ r_V
+
+  return np.abs(np.asarray(jax.jit(jax.jacrev(f))(params["wpe"]))).sum(-1)
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {"attention_pattern": ("dense", "local")},
+    {"attention_pattern": ("dense", "local"), "attention_impl": "dot_product_attention"},
+    {"attention_pattern": ("dense",), "attention_impl": "dot_product_attention", "scan_layers": True},
+  ],
+  ids=["einsum_dense_local", "dot_product_attention", "dot_product_attention_scan"],
+)
+def test_no_attention_crosses_a_segment_boundary(debug_config, changes):
+  m = _cfg(debug_config, **changes)
+  T = m.block_size
+  cuts = [5, 6, 19]  # segments [0, 5), [5, 6) (one token), [6, 19), [19, T)
+  segment_T = np.searchsorted(cuts, np.arange(T), side="right")
+  segment_BT = jnp.asarray(np.stack([segment_T, np.zeros(T, int)]), jnp.int32)
+  norms_TS = _segment_jacobian_norms(m, _random_params(m), _tokens(m), segment_BT)
+  t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+  same = segment_T[:, None] == segment_T[None, :]
+  # Two layers, one dense: every earlier position of its own segment reaches t, nothing else.
+  expected = (s <= t) & same
+  assert np.all(norms_TS[~expected] == 0.0)
+  assert np.all(norms_TS[expected] > 0.0)
+
+
+def test_cudnn_with_segments_takes_the_einsums(debug_config, monkeypatch):
+  """jax's public cuDNN call has no packed segments: masking must not reach it, and must match the einsums."""
+  m = _cfg(debug_config)
+  params, tokens_BT = _random_params(m), _tokens(m)
+  segment_BT = jnp.asarray(np.repeat([[0, 1, 2, 3]], 2, 0).repeat(m.block_size // 4, 1), jnp.int32)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("dot_product_attention called with segments")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  cudnn = _unchecked(m, attention_impl="cudnn")
+  forward = lambda cfg: jax.jit(lambda p, t, g: model.GPT(cfg).apply({"params": p}, t, segment_ids_BT=g))
+  got = forward(cudnn)(params, tokens_BT, segment_BT)
+  np.testing.assert_allclose(got, forward(m)(params, tokens_BT, segment_BT), rtol=1e-6, atol=1e-6)
+  # Each quarter is then exactly the model run on that quarter alone.
+  q = m.block_size // 4
+  alone = forward(m)(params, tokens_BT[:, q : 2 * q], jnp.zeros((2, q), jnp.int32))
+  positions = jnp.broadcast_to(jnp.arange(q, 2 * q), (2, q))
+  shifted = jax.jit(lambda p, t: model.GPT(m).apply({"params": p}, t, positions_BT=positions))(
+    params, tokens_BT[:, q : 2 * q]
+  )
+  np.testing.assert_allclose(got[:, q : 2 * q], shifted, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(alone, shifted)  # positions matter: the piece keeps its window positions
+
+
 # ------------------------------------------------- equivalent computations
 
 

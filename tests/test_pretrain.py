@@ -2,11 +2,14 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gpt_jax import config as config_lib
-from gpt_jax import pretrain, sharding, train
+from gpt_jax import data_sources, model, pretrain, sharding, train
 from gpt_jax.errors import ConfigError
 
 
@@ -87,3 +90,97 @@ def test_bad_eval_task_and_sample_length_fail_at_start_up(debug_config, tmp_path
   debug_config.sample.max_new_tokens = debug_config.model.block_size
   with pytest.raises(ConfigError, match="config.sample.max_new_tokens=32 is invalid"):
     pretrain.pretrain_task(config_lib.validate(debug_config), str(tmp_path), None)
+
+
+# ------------------------------------------------------- document masking
+
+
+@pytest.mark.parametrize("reset_positions", [True, False])
+def test_masked_loss_is_the_sum_of_each_documents_loss(debug_config, reset_positions):
+  """A window of several documents, masked, scores exactly as its pieces scored alone.
+
+  A piece is [<|endoftext|>, the next document's tokens...] (the window's first
+  piece: its start), predicting the tokens after each of its inputs.
+  """
+  m = debug_config.model
+  eot, T = m.vocab_size - 1, m.block_size
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, eot, (2, T + 1))
+  tokens[0, [4, 5, 17, 30]] = eot  # a one-token document (4..5) and a document cut by the window's end
+  tokens[1, [0, 20]] = eot  # a window starting at a boundary
+  params = model.init_params(m, jax.random.key(1))
+  loss_fn = pretrain.lm_loss_fn(m, document_mask_eot=eot, reset_positions=reset_positions)
+  masked, weight, _ = jax.jit(lambda p, b: loss_fn(p, b, jax.random.key(0), True))(
+    params, {"tokens": jnp.asarray(tokens)}
+  )
+  assert weight == 2 * T
+
+  gpt = model.GPT(m)
+  total = 0.0
+  for row in tokens:
+    starts = sorted({0, *np.flatnonzero(row[:T] == eot)})
+    for a, b in zip(starts, [*starts[1:], T]):
+      positions = np.arange(b - a) + (0 if reset_positions else a)
+      logits = gpt.apply(
+        {"params": params}, jnp.asarray(row[None, a:b]), positions_BT=jnp.asarray(positions[None])
+      )
+      total += float(
+        optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(row[None, a + 1 : b + 1])).sum()
+      )
+  np.testing.assert_allclose(float(masked), total, rtol=2e-6)
+  unmasked, _, _ = pretrain.lm_loss_fn(m)(params, {"tokens": jnp.asarray(tokens)}, jax.random.key(0), True)
+  assert abs(float(unmasked) - total) > 1e-3  # masking changed the loss
+
+
+# --------------------------------------------------------------- mixtures
+
+
+def test_a_mixture_reports_each_sources_validation(debug_config, tmp_path, capsys):
+  docs = data_sources.shakespeare_documents()[200:230]
+  (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  debug_config.data.max_documents = 0
+  debug_config.data.mixture = {
+    "plays": {"weight": 3, "max_documents": 12},
+    "books": {"weight": 1, "source": "files", "paths": str(tmp_path / "books.jsonl"), "val_fraction": 0.2},
+  }
+  debug_config.data.document_mask = True
+  debug_config.train.update(num_steps=2, compilation_cache_dir="none")
+  debug_config.eval.update(every_steps=2, num_batches=0)
+  debug_config.sample.num_samples = 0
+  final = pretrain.run(config_lib.validate(debug_config), str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  (ev,) = [r for r in rows if "eval_loss" in r]
+  for name in ("plays", "books"):
+    assert ev[f"eval/{name}/perplexity"] == pytest.approx(np.exp(ev[f"eval/{name}/loss"]))
+  lo, hi = sorted([ev["eval/plays/loss"], ev["eval/books/loss"]])
+  assert lo < ev["eval_loss"] < hi and final["eval_loss"] == ev["eval_loss"]  # weighted by tokens
+  # The unigram baseline per source, and overall weighted by validation tokens as eval_loss is.
+  lo, hi = sorted([final["unigram/plays/loss"], final["unigram/books/loss"]])
+  assert lo < final["unigram_loss"] < hi
+  assert f"unigram baseline {final['unigram_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_a_mixture_run_resumes_exactly(debug_config, tmp_path):
+  """Stopped at step 2 and resumed, a mixture run logs the losses of the run that never stopped."""
+  docs = data_sources.shakespeare_documents()[200:260]
+  (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  debug_config.data.max_documents = 0
+  debug_config.data.mixture = {
+    "plays": {"weight": 0.7, "max_documents": 20},
+    "books": {"weight": 0.3, "source": "files", "paths": str(tmp_path / "books.jsonl")},
+  }
+  debug_config.train.update(num_steps=4, compilation_cache_dir=str(tmp_path / "jax_cache"))
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  debug_config.sample.num_samples = 0
+
+  def losses(workdir, num_steps):
+    debug_config.train.num_steps = num_steps
+    pretrain.run(config_lib.validate(debug_config), str(workdir))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+  whole = losses(tmp_path / "whole", 4)
+  losses(tmp_path / "stopped", 2)
+  resumed = losses(tmp_path / "stopped", 4)
+  assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]  # bitwise: same batches, same order

@@ -113,3 +113,25 @@ def test_a_refused_fine_tune_writes_nothing(trained, tmp_path):
   with pytest.raises(UserError, match=r"train.jsonl:2: invalid JSON"):
     finetune.run(config_lib.validate(c), str(workdir))
   assert not workdir.exists()
+
+
+def test_a_run_refused_for_its_data_pins_no_tokenizer(tmp_path):
+  """The GPT-2 BPE needs no documents, so the data is first read while the token cache is built:
+  a bad line refuses the run there, and the tokenizer was never written to the workdir."""
+  (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "to be or not to be"}) + "\n{broken\n")
+  config = small_config(tmp_path, data__tokenizer="gpt2", model__vocab_size=50257)
+  config.data.update(source="files", paths=str(tmp_path / "corpus.jsonl"))  # Its cache in <workdir>/data.
+  _refused(config, tmp_path / "fresh", r"corpus.jsonl:2")
+  assert not (tmp_path / "fresh").exists()
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # The build's tmp folder went.
+
+
+def test_a_corpus_too_short_to_train_on_is_refused_before_its_cache_is_published(tmp_path):
+  (tmp_path / "corpus.jsonl").write_text(
+    json.dumps({"text": "to be"}) + "\n" + json.dumps({"text": "or not"})
+  )
+  config = small_config(tmp_path, data__tokenizer="gpt2", model__vocab_size=50257)
+  config.data.update(source="files", paths=str(tmp_path / "corpus.jsonl"), val_fraction=0.5)
+  _refused(config, tmp_path / "fresh", r"the training split has \d tokens, fewer than one window")
+  assert not (tmp_path / "fresh").exists()
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from configs import debug
-from gpt_jax import errors, model, sample, sharding
+from gpt_jax import errors, model, sample, sampling, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 on CPU: cached vs full-forward logits differ by ~1e-6 (summation order).
@@ -72,7 +72,7 @@ def test_cached_logits_match_full_forward(debug_config, pattern, scan):
   params = _init(cfg, 2)
   prompts = _prompts([5, 13], cfg.vocab_size)
   M = 16  # New tokens: enough for the sampler's CPU decode layout (unstacked, [out, in] kernels).
-  assert jax.default_backend() != "cpu" or M >= sample._CPU_LAYOUT_FROM_STEPS
+  assert jax.default_backend() != "cpu" or M >= sampling.CPU_LAYOUT_FROM_STEPS
   out = sample.decode(cfg, params, prompts, max_new_tokens=M, temperature=0.0, keep_logits=True)
   assert out.steps == M
   # One full forward over each prompt + generated prefix (right padding cannot reach earlier logits).
@@ -115,9 +115,9 @@ def test_greedy_matches_transformers(tiny_hf):
   assert ours == [_hf_greedy(hf, p, N) for p in prompts]
 
 
-filter_logits = jax.jit(sample.filter_logits)  # k and p traced: one compilation for all cases.
-bisect_threshold = jax.jit(sample._bisect_threshold)
-candidate_threshold = jax.jit(sample._candidate_threshold)
+filter_logits = jax.jit(sampling.filter_logits)  # k and p traced: one compilation for all cases.
+bisect_threshold = jax.jit(sampling._bisect_threshold)
+candidate_threshold = jax.jit(sampling._candidate_threshold)
 
 
 def _kept(logits, top_k, top_p):
@@ -125,7 +125,7 @@ def _kept(logits, top_k, top_p):
   out = np.asarray(filter_logits(logits, k, p))
   np.testing.assert_array_equal(out[np.isfinite(out)], logits[np.isfinite(out)])
   # The whole-vocabulary bisection (used when the kept set is not among the top 256) agrees.
-  full = np.asarray(sample._sortable(logits)) >= np.asarray(bisect_threshold(logits, k, p))
+  full = np.asarray(sampling._sortable(logits)) >= np.asarray(bisect_threshold(logits, k, p))
   np.testing.assert_array_equal(np.isfinite(out), full)
   return [np.flatnonzero(np.isfinite(row)).tolist() for row in out]
 
@@ -157,7 +157,7 @@ def test_candidate_threshold_matches_bisection(scale):
   for top_k, top_p in ((0, 0.5), (0, 0.9), (40, 1.0), (40, 0.7), (256, 0.99), (300, 0.5), (1, 0.2)):
     k, p = np.int32(top_k), np.float32(top_p)
     full = np.asarray(bisect_threshold(logits, k, p))
-    kept = (np.asarray(sample._sortable(logits)) >= full).sum(-1)
+    kept = (np.asarray(sampling._sortable(logits)) >= full).sum(-1)
     fast, fits = (np.asarray(x) for x in candidate_threshold(logits, k, p))
     np.testing.assert_array_equal(fits, (0 < top_k <= 256) | ((top_k == 0) & (kept <= 256)))
     np.testing.assert_array_equal(fast[fits], full[fits])
@@ -177,7 +177,7 @@ def test_sampling_step_does_not_sort_the_vocabulary():
     "top_p": np.float32(0.9),
     "temperature": np.float32(1),
   }
-  choose = jax.jit(lambda x: sample._choose(x, jax.random.key(0), consts, greedy=False))
+  choose = jax.jit(lambda x: sampling.choose(x, jax.random.key(0), consts, greedy=False))
   hlo = choose.lower(np.zeros((2, 1000), np.float32)).compile().as_text()
   assert '"TopK"' in hlo and " sort(" not in hlo
 
@@ -185,7 +185,7 @@ def test_sampling_step_does_not_sort_the_vocabulary():
 def test_first_argmax_equals_argmax_on_ties():
   x = np.array([[1.0, 3.0, 3.0, -np.inf], [-np.inf, -np.inf, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]], np.float32)
   x = np.concatenate([x, np.asarray(jax.random.normal(jax.random.key(1), (5, 4)))])
-  np.testing.assert_array_equal(np.asarray(sample.first_argmax(x)), np.argmax(x, axis=-1))
+  np.testing.assert_array_equal(np.asarray(sampling.first_argmax(x)), np.argmax(x, axis=-1))
 
 
 def test_sample_categorical_follows_the_distribution():
@@ -195,7 +195,7 @@ def test_sample_categorical_follows_the_distribution():
   with np.errstate(divide="ignore"):
     logits_1V = np.log(probs)[None]
   keys = jax.random.split(jax.random.key(0), 40_000)
-  draws = np.asarray(jax.jit(jax.vmap(lambda k: sample.sample_categorical(k, logits_1V)))(keys)).ravel()
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: sampling.sample_categorical(k, logits_1V)))(keys)).ravel()
   freq = np.bincount(draws, minlength=300) / len(draws)
   assert set(np.flatnonzero(freq)) == {0, 3, 255, 256, 299}
   # 4 standard errors of a frequency over 40k draws is at most 0.01.
@@ -235,7 +235,7 @@ def test_compiles_once_per_bucket(tiny):
   for n, temperature, top_k, top_p in settings:  # Prompts of 5..8 tokens: all in the 8-token bucket.
     prompts = _prompts([n, 5], cfg.vocab_size, n)
     sample.generate(cfg, params, prompts, max_new_tokens=N, temperature=temperature, top_k=top_k, top_p=top_p)
-  programs = sample._programs(sample.decode_config(cfg, N, None), sample._Mode(num_steps=N), None)
+  programs = sample._programs(sampling.decode_config(cfg, N, None), sample._Mode(num_steps=N), None)
   assert programs[0]._cache_size() == 1
 
 
@@ -266,11 +266,11 @@ def test_eot_and_stop_sequences(tiny):
 
 def test_cut_generation_takes_the_first_stop_to_complete():
   ids = [5, 1, 2, 3, 9]
-  assert sample.cut_generation(ids, 9, [[2, 3], [1, 2, 3, 4]]) == [5, 1]
-  assert sample.cut_generation(ids, None, [[3], [1, 2]]) == [5]  # [1, 2] completes first.
-  assert sample.cut_generation(ids, None, [[2, 3], [1, 2, 3]]) == [5]  # Same end: the longer one.
-  assert sample.cut_generation(ids, 9, []) == [5, 1, 2, 3]
-  assert sample.cut_generation(ids, None, [[7]]) == ids
+  assert sampling.cut_generation(ids, 9, [[2, 3], [1, 2, 3, 4]]) == [5, 1]
+  assert sampling.cut_generation(ids, None, [[3], [1, 2]]) == [5]  # [1, 2] completes first.
+  assert sampling.cut_generation(ids, None, [[2, 3], [1, 2, 3]]) == [5]  # Same end: the longer one.
+  assert sampling.cut_generation(ids, 9, []) == [5, 1, 2, 3]
+  assert sampling.cut_generation(ids, None, [[7]]) == ids
 
 
 def test_prompt_truncation_and_errors(tiny, caplog):

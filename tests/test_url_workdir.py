@@ -140,7 +140,7 @@ def test_a_filesystem_without_locks_still_builds_the_token_cache(debug_config, b
   monkeypatch.setattr(fcntl, "flock", no_locks)
   debug_config.data.max_documents = 20
   tok = data.tokenizer_lib.train_bpe(["to be or not to be"] * 4, 300)
-  cache = data.prepare_cache(debug_config, tok, "gs://bkt/nolock")
+  cache = data.prepare_cache(debug_config.data, tok, "gs://bkt/nolock")
   assert cache.num_tokens("train") > 0 and (cache.directory / "header.json").is_file()
 
 
@@ -158,7 +158,7 @@ def test_a_failed_upload_is_logged_and_training_goes_on(bucket, monkeypatch, cap
 def test_data_dir_url_is_refused(debug_config):
   debug_config.data.data_dir = "gs://bkt/data"
   with pytest.raises(UserError, match="data.data_dir=gs://bkt/data: must be a local folder"):
-    data.cache_dir(debug_config, "/tmp/run")
+    data.cache_dir(debug_config.data, "/tmp/run")
 
 
 def test_finetuning_refuses_a_url_workdir(bucket):
@@ -176,7 +176,7 @@ def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, mon
   debug_config.data.data_dir = str(tmp_path / "data") if data_dir else ""
   builds = []
 
-  def slow_build(config, tokenizer, workdir, directory):
+  def slow_build(data_cfg, tokenizer, directory):
     builds.append(threading.get_ident())
     time.sleep(0.5)
     directory.mkdir(parents=True)
@@ -184,11 +184,12 @@ def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, mon
 
   monkeypatch.setattr(data, "_build_cache", slow_build)
   monkeypatch.setattr(data, "_check_header", lambda *a: None)
-  monkeypatch.setattr(data, "TokenCache", lambda d, h: d)
+  monkeypatch.setattr(data, "TokenCache", lambda d, h, s: d)
+  monkeypatch.setattr(data.token_store.TokenStream, "from_store", lambda d, s: None)
   got = []
 
   def worker(i):
-    got.append(data.prepare_cache(debug_config, None, "gs://bkt/r", process_index=i))
+    got.append(data.prepare_cache(debug_config.data, None, "gs://bkt/r", process_index=i, process_count=3))
 
   threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
   for t in threads:
