@@ -235,6 +235,8 @@ def _search_mesh(config, mesh, dp, sizes, sat, policies, trials, progress, satur
     )
     return r["fits"]
 
+  if not worth(policies[0], sat):
+    return  # Not even the least recompute at saturation beats the plan found: nothing here can.
   for remat in policies:
     if worth(remat, sat) and fits(remat, sat):
       return
@@ -242,7 +244,7 @@ def _search_mesh(config, mesh, dp, sizes, sat, policies, trials, progress, satur
   lo, hi = -1, sat  # sizes[hi] does not fit with any policy; sizes[lo] fits with the strongest.
   while hi - lo > 1:
     mid = (lo + hi) // 2
-    if fits(strongest, mid):
+    if not worth(policies[0], mid) or fits(strongest, mid):  # Smaller batches cannot win either.
       lo = mid
     else:
       hi = mid

@@ -240,6 +240,13 @@ def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch, tmp_path
   assert (best["mesh"]["tensor"], best["remat"], best["sequences_per_device"]) == (4, "none", 8)
   assert best == suggest.best_setting(result["trials"], 32, 8 * 32)
 
+  # A plan saturating with no recompute on the first mesh: the other meshes compile nothing.
+  calls.clear()
+  per_seq["none"] = 1.0
+  suggest.suggest(config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, log=lines.append)
+  assert calls == [(1, "none", 8, 4)]
+  per_seq["none"] = 5.0
+
   # A repeated search reads each compile's record from the cache: nothing is compiled again.
   calls.clear()
   kwargs = dict(saturation_tokens=8 * 32, cache_dir=str(tmp_path / "cache"), log=lines.append)
