@@ -52,13 +52,19 @@ def get_config() -> ml_collections.ConfigDict:
   # "xla": explicit einsum + softmax. "dot_product_attention":
   # jax.nn.dot_product_attention with the kernel JAX picks (XLA's today).
   # "cudnn": cuDNN flash attention (NVIDIA GPUs; dtype bfloat16/float16) for
-  # training and full forwards; KV-cache decoding uses the einsums. The last
-  # two have no attention dropout.
+  # training and full forwards; KV-cache decoding uses the einsums.
+  # "splash": JAX's Pallas splash-attention kernel on TPU (tpu_attention.py)
+  # for training-length forwards whose length is a multiple of 128, the same
+  # fallbacks otherwise. The last three have no attention dropout.
   m.attention_impl = "xla"
   m.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
   m.param_dtype = "float32"  # Parameters (and optimiser state) stay float32.
-  # Rematerialisation of each block: "none", "full" (recompute everything in
-  # the backward pass) or "dots_saveable" (keep matmul outputs).
+  # Rematerialisation of each block, least to most recomputed: "none";
+  # "dots_saveable" (keep the projections' and MLP's matmul outputs and the
+  # splash kernel's output, recompute the rest); "dots_offloaded" (the same,
+  # kept in host memory: TPU, for long sequences or big per-chip batches);
+  # "attention_saveable" (keep q/k/v and the splash output, recompute the
+  # attention projection and the MLP); "full" (recompute the whole block).
   m.remat = "none"
   # nn.scan over blocks: one compiled block instead of num_layers copies;
   # compile time stops growing with depth (needed for the 48-layer rung).
@@ -66,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Pad the embedding table to a multiple of this (1 = no padding). 128 makes
   # the vocab matmul tile well on TPU/GPU; logits are cut back to vocab_size.
   m.vocab_pad_multiple = 1
+  # The training loss over the tied head in chunks of this many positions
+  # (gpt_jax/loss.py): [B, T, V] float32 logits never exist at once, at the
+  # cost of computing each chunk's logits again in the backward pass (one
+  # more head matmul). 0 = the plain loss over full logits.
+  m.loss_chunk = 0
 
   # ----------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -120,6 +131,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Gradient accumulation: the global batch is split into this many
   # microbatches inside the jitted step (same update, less activation memory).
   t.grad_accum_steps = 1
+  # GPT-3 §B's batch ramp: the batch grows linearly from batch_ramp_start
+  # sequences (GPT-3: 32k tokens = 16 x 2048) to train.batch_size over the
+  # first batch_ramp_tokens tokens (GPT-3: 4-12B by model size); 0 = off.
+  # ramp.py cuts it into at most ramp.STAGES + 1 = 9 constant batches (9 step
+  # shapes to compile), each a multiple of data x fsdp x grad_accum_steps (and
+  # the process count). Needs the schedule in tokens (optim.warmup_tokens /
+  # decay_tokens); train.num_steps still counts steps.
+  t.batch_ramp_start = 0
+  t.batch_ramp_tokens = 0
   t.seed = 0
   # A step with a non-finite loss or gradient is skipped; this many in a row
   # stops the run with its last good checkpoint intact.
@@ -135,6 +155,12 @@ def get_config() -> ml_collections.ConfigDict:
   # after warmup, from lr to lr * min_lr_ratio at train.num_steps.
   o.schedule = "cosine"
   o.min_lr_ratio = 0.1  # GPT-3 §B: cosine down to 10% of the peak.
+  # The same schedule in tokens (GPT-3 §B: warmup over 375M tokens, decay
+  # ending at 260B, then flat), which a batch-size ramp leaves intact; either
+  # > 0 switches to it and warmup_steps is then unused. decay_tokens = 0: the
+  # decay ends at train.num_steps.
+  o.warmup_tokens = 0
+  o.decay_tokens = 0
   o.b1 = 0.9
   o.b2 = 0.95  # GPT-3 §B: beta2 0.95 for stability at scale.
   o.eps = 1e-8
@@ -142,6 +168,11 @@ def get_config() -> ml_collections.ConfigDict:
   # tables), never on biases or LayerNorm gains (GPT-1 §4.1).
   o.weight_decay = 0.1
   o.grad_clip = 1.0  # Global-norm clipping (GPT-3 §B).
+  # Keep AdamW's two float32 moments (8 bytes per parameter, FSDP-sharded) in
+  # host memory and stream them to the device for the update: HBM holds them
+  # only during it (TPU, where its compiler supports host memory; the planner
+  # shows the bytes per chip with and without).
+  o.offload_state = False
 
   # ----------------------------------------------------------- checkpoint
   k = c.checkpoint = ml_collections.ConfigDict()
@@ -174,6 +205,12 @@ def get_config() -> ml_collections.ConfigDict:
   h.data = -1
   h.fsdp = 1
   h.tensor = 1
+  # Multi-slice TPU jobs: data / fsdp / tensor above lay out one slice's chips
+  # (ICI), these the slices (data-centre network): the mesh's data axis is
+  # data x dcn_data, its fsdp axis fsdp x dcn_fsdp. One may be -1 (all
+  # remaining slices). One slice (and every CPU / GPU job): both resolve to 1.
+  h.dcn_data = -1
+  h.dcn_fsdp = 1
   # Logical axis -> mesh axes. Parameters: FSDP shards the embed dimension,
   # tensor parallelism splits heads / MLP / vocab. Activations: the batch is
   # split over data x fsdp.

@@ -104,6 +104,16 @@ def _host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _in_device_memory(x):
+  """Arrays kept in host memory (optim.offload_state's moments) copied to device memory: a program
+  takes its operands from one memory space. The train step brings them in for every update, so
+  between steps there is room for them."""
+  sharding = getattr(x, "sharding", None)
+  if getattr(sharding, "memory_kind", None) in (None, "device"):
+    return x
+  return jax.device_put(x, sharding.with_memory_kind("device"))
+
+
 def leaf_paths(tree) -> list[str]:
   """'params/block_0/attn/c_attn/kernel': the same for a TrainState and for {"params": ...}."""
   return [
@@ -116,7 +126,7 @@ def digest(tree) -> tuple[dict[str, str], list[str]]:
 
   One jitted call on the leaves' devices; every process gets the same answer.
   """
-  leaves = jax.tree.leaves(tree)
+  leaves = [_in_device_memory(x) for x in jax.tree.leaves(tree)]
   if not leaves:
     return {}, []
   sums, finite = (_host(a) for a in _sums_and_finite(leaves))

@@ -18,16 +18,44 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from gpt_jax import model_config
+from gpt_jax import model_config, tpu_attention
 from gpt_jax.errors import ConfigError
 from gpt_jax.model_config import ModelConfig, layer_windows, padded_vocab_size
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_policies = jax.checkpoint_policies
+# Names of values a remat policy can keep (jax.ad_checkpoint.checkpoint_name): each block's
+# q / k / v projection, and the splash kernel's output and logsumexp (tpu_attention).
+QKV_NAME, ATTENTION_NAME = "qkv", tpu_attention.CHECKPOINT_NAME
+_offload_dots = _policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+_offload_attention = _policies.save_and_offload_only_these_names(
+  names_which_can_be_saved=(), names_which_can_be_offloaded=(ATTENTION_NAME,),
+  offload_src="device", offload_dst="pinned_host",
+)  # fmt: skip
+
+
+def _dots_offloaded(prim, *args, **params):
+  """dots_saveable's values, kept in host memory (pinned_host) instead of HBM."""
+  out = _offload_dots(prim, *args, **params)
+  return out if isinstance(out, tuple) else _offload_attention(prim, *args, **params)  # Offloadable
+
+
 REMAT_POLICIES = {
   "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": _policies.nothing_saveable,
+  # Matmul outputs without batch dimensions (the projections and the MLP), and the splash
+  # kernel's residuals (its output is attention's last matmul): the backward pass recomputes
+  # the einsum attention's scores and the elementwise ops, never a projection or the kernel.
+  "dots_saveable": _policies.save_from_both_policies(
+    _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(ATTENTION_NAME)
+  ),
+  # The same recomputation, the saved values in host memory: HBM holds one layer's at a time.
+  "dots_offloaded": _dots_offloaded,
+  # Between dots_saveable and full: keep q / k / v and the splash kernel's residuals, recompute
+  # the attention output projection and the MLP (8 of a layer's 12 D^2 matmul FLOPs per token).
+  "attention_saveable": _policies.save_only_these_names(QKV_NAME, ATTENTION_NAME),
 }
 # A window no sequence reaches: what a dense layer gets when windows are traced.
 _NO_WINDOW = 2**30
@@ -45,6 +73,19 @@ def residual_init_std(cfg) -> float:
   if cfg.scale_residual_init:
     return cfg.init_std / np.sqrt(2 * cfg.num_layers)
   return cfg.init_std
+
+
+def check_platform(cfg, platform: str, where: str) -> None:
+  """Refuses, in one line, an attention kernel that `platform` (a jax Device.platform or a
+  planner target's) cannot run: "cudnn" needs NVIDIA GPUs, "splash" TPUs (or Pallas'
+  interpreter, tpu_attention.INTERPRET, which the CPU tests use)."""
+  need = {"cudnn": (("cuda", "gpu"), "NVIDIA GPUs"), "splash": (("tpu",), "TPUs")}.get(cfg.attention_impl)
+  if need is None or platform in need[0] or (cfg.attention_impl == "splash" and tpu_attention.INTERPRET):
+    return
+  raise ConfigError(
+    f"config.model.attention_impl={cfg.attention_impl!r} runs on {need[1]} only, not {where}; "
+    "use 'xla' or 'dot_product_attention'"
+  )
 
 
 def attention_mask(q_slot_BT, k_slot_S, window, key_valid_BS=None, segment_BT=None):
@@ -206,6 +247,7 @@ class CausalSelfAttention(nn.Module):
     qkv_BT3HK = Projection(cfg, (3, H, K), ("embed", "qkv", "heads", "kv"), cfg.init_std, name="c_attn")(
       x_BTD
     )
+    qkv_BT3HK = checkpoint_name(qkv_BT3HK, QKV_NAME)
     q_BTHK, k_BTHK, v_BTHK = (qkv_BT3HK[:, :, i] for i in range(3))
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", "kv"))
 
@@ -242,6 +284,11 @@ class CausalSelfAttention(nn.Module):
     # only as a dense [B, 1, T, S] bias (the packed q/kv offsets are private API).
     if cudnn and kv is None and static_window and plain:
       out_BTHK = _cudnn_attend(q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window)
+    elif self._splash(kv, ctx, q_BTHK.shape[1]):
+      out_BTHK = tpu_attention.attention(
+        q_BTHK, k_BSHK.astype(dtype), v_BSHK.astype(dtype), window,
+        local_window=cfg.local_window, segment_ids_BT=ctx["segment_BT"],
+      )  # fmt: skip
     elif cfg.attention_impl == "dot_product_attention":
       out_BTHK = jax.nn.dot_product_attention(
         q_BTHK,
@@ -256,6 +303,18 @@ class CausalSelfAttention(nn.Module):
         "BTHK,BSHK->BHTS", "BHTS,BSHK->BTHK", dtype, dropout_rate,
       )  # fmt: skip
     return self._project(out_BTHK), new_kv
+
+  def _splash(self, kv, ctx, num_queries: int) -> bool:
+    """attention_impl="splash" (the TPU Pallas kernel) for training-length forwards whose
+    length the kernel tiles (a multiple of 128), documents in a window kept apart by the
+    kernel's segment ids; decoding, left padding and other lengths take the einsums."""
+    return (
+      self.cfg.attention_impl == "splash"
+      and not self.is_initializing()
+      and kv is None
+      and ctx["key_valid_BS"] is None
+      and num_queries % tpu_attention.LANES == 0
+    )
 
   def _project(self, out_BTHK):
     cfg = self.cfg
@@ -349,6 +408,7 @@ class GPT(nn.Module):
     key_valid_BS=None,
     segment_ids_BT=None,
     return_hidden: bool = False,
+    lm_head: bool = True,
   ):
     """Logits [B, T, V] in float32 for `tokens_BT` (int32 [B, T]).
 
@@ -363,6 +423,8 @@ class GPT(nn.Module):
         equal ids, e.g. the documents packed in a window (data.segments).
       return_hidden: also return the final hidden states [B, T, D] (after the
         final LayerNorm for pre-LN), e.g. for classification heads.
+      lm_head: False returns those hidden states instead of the logits, which
+        are then never computed (loss.chunked_cross_entropy applies the head).
     """
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -418,12 +480,15 @@ class GPT(nn.Module):
 
     if cfg.norm_position == "pre":
       x_BTD = LayerNorm(cfg, name="ln_f")(x_BTD)
-    logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)
-    if wte_scale_V is not None:
-      logits_BTV = logits_BTV * wte_scale_V[None, None]
-    logits_BTV = logits_BTV[..., : cfg.vocab_size]
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
-    out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
+    if lm_head:
+      logits_BTV = _lm_head(x_BTD, wte_VD.astype(dtype), cfg.few_row_head)
+      if wte_scale_V is not None:
+        logits_BTV = logits_BTV * wte_scale_V[None, None]
+      logits_BTV = logits_BTV[..., : cfg.vocab_size]
+      logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+      out = (logits_BTV, x_BTD) if return_hidden else logits_BTV
+    else:
+      out = x_BTD
     if cache is None:
       return out
     new_cache = {"k": new_kv_L[0], "v": new_kv_L[1], "end": start + T}

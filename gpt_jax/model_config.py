@@ -15,8 +15,8 @@ from gpt_jax import errors
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ATTENTION_KINDS = ("dense", "local")
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
-REMATS = ("none", "full", "dots_saveable")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "splash")
+REMATS = ("none", "full", "dots_saveable", "dots_offloaded", "attention_saveable")
 KERNEL_LAYOUTS = ("in_out", "out_in")
 
 # Fields that fix the parameter shapes / layout: a workdir whose saved config
@@ -61,6 +61,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   vocab_pad_multiple: int = 1
+  loss_chunk: int = 0
   # Projection kernels stored [inputs..., outputs...] ("in_out", as trained)
   # or [outputs..., inputs...] ("out_in"): XLA:CPU multiplies few rows by the
   # latter about 2x faster, so the sampler decodes on CPU with a transposed copy.
@@ -138,6 +139,8 @@ def validate(m: ModelConfig) -> None:
   errors.one_of(cfg, f"{p}.remat", REMATS)
   errors.boolean(cfg, f"{p}.scan_layers", f"{p}.scale_residual_init")
   errors.non_negative(cfg, f"{p}.init_std", f"{p}.layer_norm_epsilon")
+  if isinstance(m.loss_chunk, bool) or not isinstance(m.loss_chunk, int) or m.loss_chunk < 0:
+    errors.fail(f"{p}.loss_chunk", m.loss_chunk, "must be an integer >= 0 (0 = the plain loss)")
   for f in ("embd_dropout", "attn_dropout", "resid_dropout"):
     errors.in_range(cfg, f"{p}.{f}", 0.0, 1.0)
   pattern = m.attention_pattern

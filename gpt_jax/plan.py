@@ -1,537 +1,65 @@
-"""Plan a run before renting hardware: parameters, FLOPs and per-device memory.
+"""Plan a run before renting hardware: parameters, FLOPs, per-device memory, a roofline.
 
   python -m gpt_jax.plan --config=configs/gpt2_xl.py [--json]
   python -m gpt_jax.plan --config=configs/gpt2_xl.py --target=tpu:v5e:2x4 \
       --config.mesh.fsdp=8 --config.mesh.data=1 --config.train.batch_size=32
-  python -m gpt_jax.plan --config=configs/gpt2_xl.py --target=cuda:h100:8 --suggest
-  python -m gpt_jax.plan --ladder --target=cpu:8
+  python -m gpt_jax.plan --config=configs/gpt3_175b.py --target=tpu:v5p-1024 --suggest
+  python -m gpt_jax.plan --config=configs/gpt3_175b.py --target=tpu:v5p-1024x2 --suggest
+  python -m gpt_jax.plan --ladder --family=gpt3 --target=tpu:v5p-128
 
 Without --target: parameter counts from shapes (jax.eval_shape) and FLOPs per
-token by the PaLM formula, in about a second. With a target, the real train
-step (train.build, which train.run calls: same shardings, donation, accumulation) is
-compiled ahead of time for the target's devices from ShapeDtypeStructs, so no
-parameter is ever allocated:
-- tpu:GEN:SHAPE or tpu:ACCELERATOR_TYPE (tpu:v5e:2x4, tpu:v5litepod-16,
-  tpu:v4-32): compile-only TPU devices from libtpu (`pip install libtpu`, or
-  TPU_LIBRARY_PATH=.../libtpu.so). The TPU compiler's memory plan is per chip
-  and its HBM check is real: a program that does not fit fails to compile
-  with RESOURCE_EXHAUSTED, which is reported as "does not fit" with the
-  bytes it asked for.
-- cuda:KIND[:N] (cuda:h100, cuda:a100:16): the CUDA compiler, given a GPU
-  target description, needs no GPU (jax CUDA plugin: `pip install
-  jax-cuda12-plugin`). It plans memory but does not check it: the total is
-  compared with the GPU's memory here.
-- cpu[:N]: fake CPU devices. Argument bytes (params, optimiser state) are
-  exact; CPU temporaries are not representative of an accelerator's.
-XLA's cost_analysis counts a scanned layer once, so FLOPs per token come from
-the PaLM formula, cross-checked against lowered (not compiled) unrolled
-models, whose cost_analysis counts every layer.
+token by the PaLM formula, in about a second. With a target (targets.py:
+compile-only TPU devices from libtpu, CUDA devices from the jax CUDA plugin,
+fake CPU devices), the real train step (train.build, which train.run calls)
+is compiled ahead of time from ShapeDtypeStructs (aot.py), so no parameter
+is ever allocated; the TPU compiler's HBM check is real: a program that does
+not fit fails to compile, reported as "does not fit" with the bytes it asked
+for. On TPU / GPU targets the plan carries a roofline (roofline.py): lower
+bounds on the step time from compiled FLOPs, HBM bytes and collectives.
+--suggest searches mesh x remat x per-device batch (suggest.py).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import re
 import sys
-import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
-from jax.experimental import topologies
 from ml_collections import config_flags
 
-from gpt_jax import cli, hardware, metrics, optim, pretrain, sharding, train
+from gpt_jax import aot, cli, hardware, suggest, targets
 from gpt_jax import config as config_lib
-from gpt_jax import model as model_lib
+from gpt_jax.aot import compile_plan, param_counts, plan_target  # noqa: F401 - the planner's API.
 from gpt_jax.errors import ConfigError, UserError
+from gpt_jax.targets import Target, gpu_target_config, parse_target, target_devices  # noqa: F401
 
 GiB = hardware.GiB
-RUNGS = ("gpt1", "gpt2_small", "gpt3_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
-REMATS = ("none", "dots_saveable", "full")  # Least to most recompute.
-# Standard slice shapes by chip count (Cloud TPU docs: v5e/v6e 2D, v4/v5p 3D tori).
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_EXAMPLES = {2: "2x4", 3: "2x2x2"}
-_SHAPES_3D = {
-  4: "2x2x1",
-  8: "2x2x2",
-  16: "2x2x4",
-  32: "2x4x4",
-  64: "4x4x4",
-  128: "4x4x8",
-  256: "4x8x8",
-  512: "8x8x8",
-}
-
-
-# ------------------------------------------------------------ parameters
-
-
-def param_counts(model_cfg) -> dict[str, int]:
-  """{"params": total, "non_embedding_params": total - wte - position tables} (padded vocab rows
-  included): Kaplan et al. (2020) count N without the tables that are looked up."""
-  shapes = nn.unbox(model_lib.abstract_params(model_cfg))
-  total = model_lib.param_count(shapes)
-  embedding = sum(int(np.prod(shapes[k].shape)) for k in ("wte", *model_lib.position_tables(model_cfg)))
-  return {"params": total, "non_embedding_params": total - embedding}
-
-
-def plan(config) -> dict:
-  """Shapes, parameter counts and FLOPs per token (no target, no compilation)."""
-  m = config.model
-  start = time.perf_counter()
-  counts = param_counts(m)
-  seq = config_lib.seq_len(config)
-  return {
-    **counts,
-    "num_layers": m.num_layers,
-    "d_model": m.d_model,
-    "num_heads": m.num_heads,
-    "mlp_width": m.mlp_ratio * m.d_model,
-    "vocab_size": m.vocab_size,
-    "embedding_rows": model_lib.padded_vocab_size(m),
-    "block_size": m.block_size,
-    "seq_len": seq,
-    "flops_per_token": metrics.flops_per_token(m, seq, counts["params"]),
-    "eval_shape_seconds": round(time.perf_counter() - start, 3),
-    **({"job_note": _JOB_NOTE.format(job=config.job)} if config.get("job", "pretrain") != "pretrain" else {}),
-  }
-
-
-_JOB_NOTE = (
-  "job={job}: planned as the language-model train step of this model at this batch and seq_len; "
-  "the fine-tuning step itself (task head, the task's sequence length) is not planned"
-)
-
-
-# --------------------------------------------------------------- targets
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  spec: str  # As given: "tpu:v5e:2x4", "cuda:h100:8", "cpu:8".
-  platform: str  # "tpu", "cuda", "cpu".
-  kind: str  # "v5e", "h100", "cpu".
-  num_devices: int
-  memory_bytes: float  # Per device; for cpu the host's RAM, shared by its fake devices.
-  peak_flops: float  # Per device, bf16 dense; 0 = unknown (cpu).
-  topology: str = ""  # TPU: "v5e:2x4".
-
-
-def tpu_topology(name: str) -> str:
-  """'v5e:2x4' as is; accelerator types ('v5litepod-16', 'v4-32', 'v6e-8') to 'GEN:SHAPE'."""
-  if ":" in name:
-    gen, shape = name.split(":", 1)
-    gen = hardware.TPU_ALIASES.get(gen, gen)
-    if gen not in hardware.TPUS or not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", shape):
-      raise UserError(
-        f"--target=tpu:{name}: expected GEN:SHAPE with GEN in {sorted(hardware.TPUS)}, e.g. v5e:2x4"
-      )
-    dims = hardware.TPUS[gen].dims
-    if dims == 3 and shape.count("x") == 1:
-      shape += "x1"  # v4:2x2 is the 2x2x1 torus.
-    if shape.count("x") + 1 != dims:
-      raise UserError(f"--target=tpu:{name}: {gen} slices are {dims}-D (e.g. {gen}:{_EXAMPLES[dims]})")
-    return f"{gen}:{shape}"
-  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
-  gen = match and hardware.TPU_ALIASES.get(match.group(1), match.group(1))
-  if not match or gen not in hardware.TPUS:
-    raise UserError(f"--target=tpu:{name}: unknown TPU; use GEN:SHAPE (v5e:2x4) or a type like v5litepod-16")
-  chip = hardware.TPUS[gen]
-  chips = int(match.group(2)) // chip.cores_per_chip
-  shapes = _SHAPES_2D if chip.dims == 2 else _SHAPES_3D
-  if chips not in shapes:
-    raise UserError(f"--target=tpu:{name}: no standard {gen} slice of {chips} chips; give GEN:SHAPE")
-  return f"{gen}:{shapes[chips]}"
-
-
-def parse_target(spec: str) -> Target:
-  platform, _, rest = spec.partition(":")
-  if platform == "cpu":
-    if rest and not re.fullmatch(r"[1-9]\d*", rest):
-      raise UserError(f"--target={spec}: N in cpu:N must be a positive integer (cpu alone: all CPU devices)")
-    n = int(rest) if rest else 0
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Target(spec, "cpu", "cpu", n, ram, 0.0)
-  if platform == "tpu":
-    topology = tpu_topology(rest)
-    gen, shape = topology.split(":")
-    chips = int(np.prod([int(d) for d in shape.split("x")]))
-    chip = hardware.TPUS[gen]
-    return Target(spec, "tpu", gen, chips, chip.memory_bytes, chip.peak_flops, topology)
-  if platform == "cuda":
-    kind, _, count = rest.partition(":")
-    if kind not in hardware.GPUS:
-      raise UserError(
-        f"--target={spec}: GPU kind must be one of {sorted(hardware.GPUS)} (cuda:h100 or cuda:h100:16)"
-      )
-    if count and not re.fullmatch(r"[1-9]\d*", count):
-      raise UserError(f"--target={spec}: the GPU count in cuda:{kind}:N must be a positive integer")
-    n = int(count) if count else 8
-    chip = hardware.GPUS[kind]
-    return Target(spec, "cuda", kind, n, chip.memory_bytes, chip.peak_flops)
-  raise UserError(f"--target={spec}: expected tpu:..., cuda:... or cpu[:N]")
-
-
-def gpu_target_config(kind: str) -> str:
-  """GpuTargetConfigProto text for XLA's GPU compiler (what it would query from a device)."""
-  chip = hardware.GPUS[kind]
-  g = {**chip.gpu, "memory": chip.memory_bytes, "bandwidth": chip.hbm_bandwidth}
-  major, minor = g["cc"]
-  return f"""gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: {g["smem_per_sm"]}
-  threads_per_core_limit: 2048
-  core_count: {g["sms"]}
-  fpus_per_core: {g["fpus"]}
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {int(g["bandwidth"])}
-  l2_cache_size: {g["l2"]}
-  clock_rate_ghz: {g["clock_ghz"]}
-  device_memory_size: {g["memory"]}
-  shared_memory_per_block_optin: {g["smem_optin"]}
-  cuda_compute_capability {{ major: {major} minor: {minor} }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-device_description_str: "{g["name"]}"
-"""
-
-
-def _prefer_cpu_backend() -> None:
-  """Compile-only targets must not start a real TPU/GPU backend on this machine."""
-  if not os.environ.get("JAX_PLATFORMS"):
-    try:
-      jax.config.update("jax_platforms", "cpu")
-    except Exception:  # noqa: BLE001 - backends already up: they are what they are.
-      pass
-
-
-def target_devices(target: Target) -> list:
-  """The devices to compile for (compile-only for tpu / cuda)."""
-  _prefer_cpu_backend()
-  if target.platform == "cpu":
-    if target.num_devices:
-      try:  # Works only before the CPU backend starts (as in the CLI).
-        jax.config.update("jax_num_cpu_devices", target.num_devices)
-      except Exception:  # noqa: BLE001
-        pass
-    devices = jax.devices("cpu")
-    n = target.num_devices or len(devices)
-    if len(devices) < n:
-      raise UserError(
-        f"--target={target.spec}: only {len(devices)} CPU devices in this process "
-        f"(XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts)"
-      )
-    return devices[:n]
-  if target.platform == "tpu":
-    if not os.environ.get("TPU_LIBRARY_PATH"):
-      import importlib.util
-
-      if importlib.util.find_spec("libtpu") is None:
-        raise UserError("--target=tpu:... needs libtpu: pip install libtpu (or set TPU_LIBRARY_PATH)")
-    # One compile-only client per process; other libtpu users on this machine
-    # (another planner) must not lock it, and there are no TPU hosts to find.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    dims = [int(d) for d in target.topology.split(":")[1].split("x")]
-    per_host = tuple(min(d, 2) for d in dims[:2]) + (1,)
-    topo = topologies.get_topology_desc(
-      platform="tpu",
-      topology_name=target.topology,
-      chip_config_name=hardware.TPUS[target.kind].chip_config,
-      chips_per_host_bounds=per_host,
-      num_slices=1,
-    )
-    return list(topo.devices)
-  try:
-    topo = topologies.get_topology_desc(
-      platform="cuda", target_config=gpu_target_config(target.kind), topology=f"1x1x{target.num_devices}"
-    )
-  except Exception as e:  # noqa: BLE001
-    raise UserError(
-      f"--target={target.spec}: cannot create compile-only CUDA devices ({type(e).__name__}: "
-      f"{str(e).splitlines()[0][:200]}); pip install jax-cuda12-plugin=={_jax_version()}"
-    ) from e
-  return list(topo.devices)
-
-
-def _jax_version() -> str:
-  return jax.__version__
-
-
-# ---------------------------------------------------------- the program
-
-
-def _device_bytes(tree) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shard = x.sharding.shard_shape(x.shape)
-    total += int(np.prod(shard)) * x.dtype.itemsize
-  return total
-
-
-# The TPU compiler's out-of-memory errors, in the two forms libtpu uses.
-_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", re.I)
-_OOM_TEMPS = re.compile(
-  r"HLO temporaries \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM \(([\d.]+)([KMGT]?)i?B?\)", re.I
-)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
-
-
-def _parse_oom(message: str) -> tuple[str, float, float] | None:
-  """("total" | "temporaries", bytes, bytes available) from a TPU out-of-memory error."""
-  for what, pattern in (("total", _OOM_USED), ("temporaries", _OOM_TEMPS)):
-    m = pattern.search(message)
-    if m:
-      return (
-        what,
-        float(m.group(1)) * _UNITS[m.group(2).upper()],
-        float(m.group(3)) * _UNITS[m.group(4).upper()],
-      )
-  return None
-
-
-def embedding_layout(config, mesh) -> dict:
-  """How wte is sharded, replicated dims, and what padding the vocab to 128 would change."""
-  rules = sharding.rules(config)
-
-  def layout(model_cfg):
-    abstract = nn.unbox(model_lib.abstract_params(model_cfg))
-    specs = model_lib.logical_specs(model_cfg)
-    shardings = sharding.logical_to_shardings(specs, abstract, mesh, rules)
-    wte, sh = abstract["wte"], shardings["wte"]
-    per_device = int(np.prod(sh.shard_shape(wte.shape))) * np.dtype(wte.dtype).itemsize
-    undivided = sharding.undivided_dims(specs, abstract, mesh, rules)
-    return {
-      "shape": list(wte.shape),
-      "spec": str(sh.spec),
-      "bytes_per_device": per_device,
-      "replicated_dims": undivided,
-    }
-
-  now = layout(config.model)
-  padded_cfg = copy.deepcopy(config.model)
-  padded_cfg.vocab_pad_multiple = 128
-  out = {"now": now, "vocab_pad_multiple": config.model.vocab_pad_multiple}
-  if config.model.vocab_pad_multiple % 128:
-    out["padded_128"] = layout(padded_cfg)
-  return out
-
-
-def compile_plan(config, target: Target, devices=None) -> dict:
-  """Compiles the train step for `target`; per-device memory, fit and compile time."""
-  if config.model.attention_impl == "cudnn" and target.platform != "cuda":
-    raise ConfigError(
-      f"config.model.attention_impl='cudnn' runs on NVIDIA GPUs only, not --target={target.spec}; "
-      "use 'xla' or 'dot_product_attention'"
-    )
-  devices = target_devices(target) if devices is None else devices
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules(config)
-  out = {
-    "target": target.spec,
-    "devices": len(devices),
-    "device_kind": devices[0].device_kind,
-    "mesh": {a: int(mesh.shape[a]) for a in sharding.AXES},
-    "remat": config.model.remat,
-    "scan_layers": bool(config.model.scan_layers),
-    "dtype": config.model.dtype,
-    "batch_size": config.train.batch_size,
-    "grad_accum_steps": config.train.grad_accum_steps,
-    "seq_len": config_lib.seq_len(config),
-    "sequences_per_device": config.train.batch_size
-    // config.train.grad_accum_steps
-    // int(mesh.shape["data"] * mesh.shape["fsdp"]),
-    # Fake CPU devices share the host's RAM.
-    "memory_per_device_bytes": int(target.memory_bytes / (len(devices) if target.platform == "cpu" else 1)),
-  }
-  # Shapes and shardings outside the mesh context: eager ops (a PRNG key)
-  # cannot run on compile-only devices.
-  program, batch, _ = pretrain.train_program(config, mesh)
-  step, abstract = program.step, program.abstract
-  out["params_bytes"] = _device_bytes(abstract.params)
-  out["opt_state_bytes"] = _device_bytes(abstract.opt_state)
-  with sharding.activate(mesh, rules):
-    start = time.perf_counter()
-    try:
-      lowered = step.lower(abstract, batch)
-      compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - the TPU's hard HBM check surfaces as a compile error.
-      out["compile_seconds"] = round(time.perf_counter() - start, 1)
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      oom = _parse_oom(str(e))
-      out["fits"] = False
-      out["note"] = "the TPU compiler ran out of HBM: " + str(e).splitlines()[0][:300]
-      if oom is not None:
-        what, size, limit = oom
-        out["compiler_limit_bytes"] = int(limit)
-        if what == "temporaries":
-          # At least the temporaries plus the state the step holds.
-          out["temp_bytes"] = int(size)
-          size += out["params_bytes"] + out["opt_state_bytes"]
-        out["needed_bytes"] = int(size)
-      return out
-    out["compile_seconds"] = round(time.perf_counter() - start, 1)
-  mem = compiled.memory_analysis()
-  out["argument_bytes"] = int(mem.argument_size_in_bytes)
-  out["output_bytes"] = int(mem.output_size_in_bytes)
-  out["alias_bytes"] = int(mem.alias_size_in_bytes)
-  out["temp_bytes"] = int(mem.temp_size_in_bytes)
-  out["code_bytes"] = int(mem.generated_code_size_in_bytes)
-  # Donated state aliases its outputs: live at once are the arguments, the
-  # outputs that are not written in place, the temporaries and the code.
-  needed = (
-    out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"] + out["code_bytes"]
-  )
-  # The TPU compiler also reports its own peak, and for small programs it can
-  # put buffers there that temp_size leaves out (0 B of temporaries).
-  # (XLA:CPU's "peak" is its arguments alone: not used.)
-  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) if target.platform != "cpu" else 0
-  if peak:
-    out["compiler_peak_bytes"] = peak
-  out["needed_bytes"] = max(needed, peak)
-  needed = out["needed_bytes"]
-  if target.platform == "cpu":
-    # Fake devices share the host's RAM; XLA:CPU temporaries are no guide to
-    # an accelerator's (different fusion and scheduling).
-    out["fits"] = needed <= out["memory_per_device_bytes"]
-    out["note"] = "cpu: argument bytes are exact; temporaries are not representative of an accelerator's"
-  else:
-    out["fits"] = needed <= out["memory_per_device_bytes"]
-    if target.platform == "cuda":
-      out["note"] = "cuda: XLA's memory plan, compared with the GPU's memory (the compiler does not check it)"
-  return out
-
-
-def xla_flops_per_token(config) -> dict:
-  """Train-step FLOPs per token from XLA's cost analysis of lowered, unrolled models.
-
-  A scan body is counted once, so the models are unrolled; lowering (no
-  compile) 1 and 2 attention-pattern periods of layers gives the per-layer
-  cost, extrapolated linearly to num_layers (layers are identical). Remat is
-  off, so this is the model's FLOPs, comparable with the PaLM formula.
-  """
-  period = len(config.model.attention_pattern)
-  seq = config_lib.seq_len(config)
-  flops = []
-  for layers in (period, 2 * period):
-    cfg = copy.deepcopy(config)
-    cfg.model.update(num_layers=layers, scan_layers=False, remat="none")
-    tx = optim.make_optimizer(cfg)
-    step = train.make_train_step(pretrain.lm_loss_fn(cfg.model), tx, optim.lr_schedule(cfg.optim, 10))
-    params = jax.eval_shape(lambda m=cfg.model: model_lib.init_params(m, jax.random.key(0)))
-    state = jax.eval_shape(lambda p, tx=tx: train.new_state(p, tx, 0), params)
-    batch = {"tokens": jax.ShapeDtypeStruct((1, seq + 1), jnp.int32)}
-    cost = jax.jit(step).lower(state, batch).cost_analysis()
-    flops.append(float(cost["flops"]) / seq)
-  per_layer = (flops[1] - flops[0]) / period
-  return {"xla_flops_per_token": flops[0] + per_layer * (config.model.num_layers - period)}
-
-
-def plan_target(config, target: Target, *, cross_check: bool = True) -> dict:
-  """plan() + the compiled memory plan for target + embedding layout (+ XLA FLOPs cross-check)."""
-  _prefer_cpu_backend()  # Before plan() traces the model, which starts the default backend.
-  out = plan(config)
-  devices = target_devices(target)
-  out.update(compile_plan(config, target, devices))
-  out["embedding"] = embedding_layout(config, sharding.make_mesh(config.mesh, devices))
-  if cross_check:
-    out.update(xla_flops_per_token(config))
-  if target.peak_flops:
-    out["peak_flops_per_device"] = target.peak_flops
-  return out
-
-
-# --------------------------------------------------------------- suggest
-
-
-def _with(config, remat: str, seqs_per_device: int, dp: int):
-  """config with this remat policy and microbatch (global batch kept, via accumulation)."""
-  cfg = copy.deepcopy(config)
-  micro = seqs_per_device * dp
-  with cfg.unlocked():
-    cfg.model.remat = remat
-    cfg.train.grad_accum_steps = cfg.train.batch_size // micro
-  return cfg
-
-
-def suggest(config, target: Target, *, saturation_tokens: int = 4096, log=print) -> dict:
-  """Searches remat policy x sequences per device; the fastest-looking setting that fits.
-
-  For each policy the per-device microbatch doubles from 1 while it fits and
-  divides the per-device batch, then takes the whole per-device batch (the
-  global batch stays, made up by gradient accumulation). Ranking: more
-  tokens per device until `saturation_tokens` (beyond, an accelerator's
-  matmuls are busy and a bigger batch buys little), then less recompute, then
-  the larger batch.
-  """
-  devices = target_devices(target)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  dp = int(mesh.shape["data"] * mesh.shape["fsdp"])
-  seq = config_lib.seq_len(config)
-  per_device_max = config.train.batch_size // dp
-  if config.train.batch_size % dp:
-    raise UserError(
-      f"train.batch_size={config.train.batch_size} must be a multiple of data x fsdp = {dp} on {target.spec}"
-    )
-  # Powers of two that divide the per-device batch, then the whole of it (no accumulation).
-  sizes = [b for b in (2**i for i in range(per_device_max.bit_length())) if per_device_max % b == 0]
-  sizes += [per_device_max] if per_device_max not in sizes else []
-  trials = []
-  for remat in REMATS:
-    for b in sizes:
-      cfg = _with(config, remat, b, dp)
-      r = compile_plan(cfg, target, devices)
-      trials.append(r)
-      log(
-        f"  remat={remat:<13} {b:>3} seq/device: "
-        + f"{_needed(r):>12}"
-        + f" {'fits' if r['fits'] else 'does not fit'} ({r['compile_seconds']:.0f} s)"
-      )
-      if not r["fits"]:
-        break
-  best = best_setting(trials, seq, saturation_tokens)
-  return {"trials": trials, "best": best, "saturation_tokens": saturation_tokens}
-
-
-def best_setting(trials: list[dict], seq_len: int, saturation_tokens: int) -> dict | None:
-  """The fitting trial with the most tokens per device up to saturation, then the
-  least recompute, then the most tokens; None if nothing fits."""
-  fitting = [r for r in trials if r["fits"]]
-  if not fitting:
-    return None
-
-  def score(r):
-    tokens = r["sequences_per_device"] * seq_len
-    return (min(tokens, saturation_tokens), -REMATS.index(r["remat"]), tokens)
-
-  return max(fitting, key=score)
+FAMILIES = {
+  "gpt2": ("gpt1", "gpt2_small", "gpt3_small", "gpt2_medium", "gpt2_large", "gpt2_xl"),
+  "gpt3": (
+    "gpt3_small", "gpt3_medium", "gpt3_large", "gpt3_xl", "gpt3_2p7b", "gpt3_6p7b", "gpt3_13b", "gpt3_175b"
+  ),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------- ladder
 
 
-def ladder(target: Target, overrides: list[str], configs_dir: str, *, log=print) -> list[dict]:
+def ladder(
+  target: Target, overrides: list[str], configs_dir: str, *, family: str = "gpt2", log=print
+) -> list[dict]:
+  """One plan per rung of `family` (FAMILIES) on `target`, the --config.* overrides applied to each."""
+  if family not in FAMILIES:
+    raise UserError(f"--family={family}: must be one of {sorted(FAMILIES)}")
   rows = []
-  for rung in RUNGS:
+  for rung in FAMILIES[family]:
     config = cli.load_config(os.path.join(configs_dir, f"{rung}.py"), overrides)
     config = config_lib.validate(config)
     log(f"  {rung} ...")
     try:
-      row = {"rung": rung, **plan_target(config, target, cross_check=False)}
+      row = {"rung": rung, **plan_target(config, target, cross_check=False, with_roofline=False)}
     except ConfigError as e:
       row = {"rung": rung, "error": str(e)}
     rows.append(row)
@@ -543,10 +71,11 @@ def ladder(target: Target, overrides: list[str], configs_dir: str, *, log=print)
 
 def _gib(n) -> str:
   """Bytes in the largest binary unit that keeps a digit before the point."""
+  sign, n = ("-" if n < 0 else ""), abs(n)
   for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
     if n >= size:
-      return f"{n / size:.2f} {unit}"
-  return f"{int(n)} B"
+      return f"{sign}{n / size:.2f} {unit}"
+  return f"{sign}{int(n)} B"
 
 
 def _needed(p: dict) -> str:
@@ -555,6 +84,40 @@ def _needed(p: dict) -> str:
     return "?"
   bound = ">=" if not p["fits"] and "argument_bytes" not in p and "temp_bytes" in p else ""
   return bound + _gib(p["needed_bytes"])
+
+
+def _left(p: dict) -> str:
+  """What is left of the device's memory, or what is missing ('-'), per device."""
+  if "left_bytes" not in p:
+    return "?"
+  left = p["left_bytes"]
+  return ("left " if left >= 0 else "missing ") + _gib(abs(left))
+
+
+def _mesh_text(mesh: dict) -> str:
+  text = " x ".join(f"{a}={n}" for a, n in mesh.items() if a in ("data", "fsdp", "tensor"))
+  if mesh.get("slices", 1) > 1:
+    text += f" (over {mesh['slices']} slices: dcn_data={mesh['dcn_data']} x dcn_fsdp={mesh['dcn_fsdp']})"
+  return text
+
+
+def format_roofline(r: dict) -> list[str]:
+  s, a = r["seconds"], r["assumptions"]
+  lines = [
+    f"roofline per chip and step: {r['flops_per_chip']:.4g} FLOPs executed, "
+    f"{_gib(r['hbm_bytes_per_chip'])} through HBM, {_gib(r['ici_bytes_per_chip'])} sent over ICI"
+    + (f", {_gib(r['dcn_bytes_per_chip'])} over DCN" if r.get("dcn_bytes_per_chip") else ""),
+    f"  lower bounds: compute {s['compute']:.3g} s, HBM {s['hbm']:.3g} s, ICI {s['ici']:.3g} s"
+    + (f", DCN {s['dcn']:.3g} s" if s.get("dcn") else "")
+    + f" -> step >= {r['step_seconds']:.3g} s ({r['bound']}-bound), MFU <= {100 * r['mfu_bound']:.1f}%",
+    f"  assumed per chip: {a['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
+    f"HBM {a['hbm_bandwidth'] / 1e9:.0f} GB/s, "
+    f"ICI {a['ici_bandwidth'] / 1e9:.0f} GB/s (all links, both directions; collectives as rings)"
+    + (f", DCN {a['dcn_bandwidth'] / 1e9:.2f} GB/s" if a.get("dcn_bandwidth") else ""),
+  ]
+  for kind, c in sorted(r.get("collectives", {}).items()):
+    lines.append(f"  {kind}: {c['count']} per step, {_gib(c['bytes'])} buffers, {_gib(c['wire_bytes'])} sent")
+  return lines
 
 
 def format_plan(p: dict) -> str:
@@ -579,29 +142,42 @@ def format_plan(p: dict) -> str:
     lines.append(f"note: {p['job_note']}")
   if "target" not in p:
     return "\n".join(lines)
-  mesh = " x ".join(f"{a}={n}" for a, n in p["mesh"].items())
   lines += [
-    f"target: {p['target']} - {p['devices']} x {p['device_kind']}, mesh {mesh}",
+    f"target: {p['target']} - {p['devices']} x {p['device_kind']}, mesh {_mesh_text(p['mesh'])}",
     f"step: batch {p['batch_size']} x {p['seq_len']} tokens, {p['grad_accum_steps']} accumulation step(s), "
     f"{p['sequences_per_device']} sequence(s) per device per microbatch, remat {p['remat']}, {p['dtype']}, "
-    f"scan_layers {p['scan_layers']}",
-    f"per device: params {_gib(p['params_bytes'])}, optimiser state {_gib(p['opt_state_bytes'])}",
+    f"attention {p['attention_impl']}, loss_chunk {p['loss_chunk']}, scan_layers {p['scan_layers']}",
+    f"per device: params {_gib(p['params_bytes'])}, optimiser state {_gib(p['opt_state_bytes'])}"
+    + (f" in HBM + {_gib(p['opt_state_host_bytes'])} host" if p.get("opt_state_host_bytes") else ""),
   ]
   if "argument_bytes" in p:
     lines.append(
       f"compiled: arguments {_gib(p['argument_bytes'])}, temporaries {_gib(p['temp_bytes'])}, "
       f"outputs not aliased {_gib(p['output_bytes'] - p['alias_bytes'])}, code {_gib(p['code_bytes'])}"
       + (f", compiler peak {_gib(p['compiler_peak_bytes'])}" if "compiler_peak_bytes" in p else "")
+      + (f"; host memory {_gib(p['host_bytes'])}" if p.get("host_bytes") else "")
     )
   elif "temp_bytes" in p:
     lines.append(f"TPU compiler: temporaries alone {_gib(p['temp_bytes'])}")
   verdict = "FITS" if p["fits"] else "DOES NOT FIT"
   lines.append(
-    f"needs {_needed(p)} per device of {_gib(p['memory_per_device_bytes'])}: {verdict} "
+    f"needs {_needed(p)} per device of {_gib(p['memory_per_device_bytes'])} ({_left(p)}): {verdict} "
     f"(compile {p['compile_seconds']:.1f} s)"
   )
+  if "needed_without_offload_bytes" in p:
+    lines.append(
+      f"  with the optimiser state in HBM (optim.offload_state=False): "
+      f"{_gib(p['needed_without_offload_bytes'])}"
+    )
+  elif p["fits"] and p.get("opt_state_bytes"):
+    lines.append(
+      f"  with optim.offload_state=True: about {_gib(p['needed_bytes'] - p['opt_state_bytes'])} "
+      f"(the moments, {_gib(p['opt_state_bytes'])}, in host memory)"
+    )
   if p.get("note"):
     lines.append(f"note: {p['note']}")
+  if "roofline" in p:
+    lines += format_roofline(p["roofline"])
   emb = p.get("embedding")
   if emb:
     now = emb["now"]
@@ -620,8 +196,9 @@ def format_plan(p: dict) -> str:
 
 def format_ladder(rows: list[dict]) -> str:
   head = (
-    f"{'rung':<12} {'params':>8} {'non-emb':>8} {'GFLOP/tok':>9} {'remat':<13} {'seq/dev':>7} "
-    f"{'params':>10} {'opt':>10} {'temp':>10} {'needed':>11}  fits  compile"
+    f"{'rung':<12} {'params':>8} {'GFLOP/tok':>9} {'mesh d x f x t':<14} {'remat':<13} {'seq/dev':>7} "
+    f"{'params':>10} {'opt':>10} {'temp':>10} {'needed':>11} {'capacity':>10} {'left/missing':>19}  "
+    "fits  compile"
   )
   lines = [head, "-" * len(head)]
   for r in rows:
@@ -629,15 +206,30 @@ def format_ladder(rows: list[dict]) -> str:
       lines.append(f"{r['rung']:<12} error: {r['error']}")
       continue
     temp = _gib(r["temp_bytes"]) if "temp_bytes" in r else "?"
+    m = r["mesh"]
+    mesh = f"{m['data']} x {m['fsdp']} x {m['tensor']}"
     lines.append(
-      f"{r['rung']:<12} {r['params'] / 1e6:>7.0f}M {r['non_embedding_params'] / 1e6:>7.0f}M "
-      f"{r['flops_per_token'] / 1e9:>9.2f} {r['remat']:<13} {r['sequences_per_device']:>7} "
-      f"{_gib(r['params_bytes']):>10} {_gib(r['opt_state_bytes']):>10} {temp:>10} {_needed(r):>11}  "
+      f"{r['rung']:<12} {r['params'] / 1e6:>7.0f}M {r['flops_per_token'] / 1e9:>9.2f} {mesh:<14} "
+      f"{r['remat']:<13} {r['sequences_per_device']:>7} "
+      f"{_gib(r['params_bytes']):>10} {_gib(r['opt_state_bytes']):>10} {temp:>10} {_needed(r):>11} "
+      f"{_gib(r['memory_per_device_bytes']):>10} {_left(r):>19}  "
       f"{'yes ' if r['fits'] else 'NO  '}  {r['compile_seconds']:.0f} s"
     )
   if rows and "note" in rows[0]:
     lines.append(f"note: {rows[0]['note']}")
   return "\n".join(lines)
+
+
+def suggested_flags(best: dict) -> list[str]:
+  """The --config.* overrides that reproduce a suggested plan (what --check then accepts)."""
+  m = best["mesh"]
+  out = [f"--config.mesh.{a}={m[a]}" for a in ("data", "fsdp", "tensor")]
+  if m.get("slices", 1) > 1:
+    out += [f"--config.mesh.dcn_data={m['dcn_data']}", f"--config.mesh.dcn_fsdp={m['dcn_fsdp']}"]
+  return out + [
+    f"--config.model.remat={best['remat']}",
+    f"--config.train.grad_accum_steps={best['grad_accum_steps']}",
+  ]
 
 
 # ------------------------------------------------------------------- CLI
@@ -687,7 +279,9 @@ def main(argv) -> None:
       raise UserError("--ladder needs --target")
     overrides = _LADDER_OVERRIDES or [a for a in sys.argv[1:] if a.startswith("--config.")]
     configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    rows = ladder(parse_target(F.target), overrides, configs_dir, log=log)
+    target = parse_target(F.target, F.num_slices)
+    targets.cache_dir(F.cache_dir, target)
+    rows = ladder(target, overrides, configs_dir, family=F.family, log=log)
     print(json.dumps(rows) if as_json else format_ladder(rows), flush=True)
     return
   if F.config is None:
@@ -696,29 +290,37 @@ def main(argv) -> None:
   if not F.target:
     if F.suggest or F.check:
       raise UserError("--suggest and --check need --target")
-    p = plan(config)
+    p = aot.model_plan(config)
     print(json.dumps(p) if as_json else format_plan(p))
     return
-  target = parse_target(F.target)
+  target = parse_target(F.target, F.num_slices)
+  cache = targets.cache_dir(F.cache_dir, target)
   if F.suggest:
-    result = suggest(config, target, log=log)
+    result = suggest.suggest(
+      config,
+      target,
+      saturation_tokens=F.saturation_tokens,
+      search_mesh=F.search_mesh,
+      cache_dir=cache,
+      log=log,
+    )
     best = result["best"]
+    if best is not None:
+      result["flags"] = suggested_flags(best)
     if as_json:
       print(json.dumps(result))
     elif best is None:
-      print(
-        f"nothing fits {target.spec}, not even 1 sequence per device with full remat: add devices or FSDP"
-      )
+      print(f"nothing fits {target.spec}, not even 1 sequence per device with full remat: add devices")
     else:
-      print(format_plan({**plan(config), **best}))
+      print(format_plan({**aot.model_plan(config), **best}))
       print(
-        f"suggested: --config.model.remat={best['remat']} --config.train.grad_accum_steps="
-        f"{best['grad_accum_steps']}  ({best['sequences_per_device']} sequences per device per microbatch)"
+        f"suggested ({best['sequences_per_device']} sequences per device per microbatch, "
+        f"{len(result['trials'])} compiles in {result['seconds']:.0f} s):\n  " + " ".join(result["flags"])
       )
     if F.check and best is None:
       sys.exit(3)
     return
-  p = plan_target(config, target, cross_check=F.cross_check)
+  p = plan_target(config, target, cross_check=F.cross_check, with_roofline=F.roofline)
   print(json.dumps(p) if as_json else format_plan(p), flush=True)
   if F.check and not p["fits"]:
     print(f"error: does not fit {target.spec}: needs {_needed(p)} per device", file=sys.stderr)
@@ -726,18 +328,29 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  # Defined only when run as a program, so importing plan() defines no flags.
+  # Defined only when run as a program, so importing the module defines no flags.
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_xl.py.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
   flags.DEFINE_string(
-    "target", "", "tpu:v5e:2x4, tpu:v5litepod-16, cuda:h100[:N], cpu[:N]; empty = shapes only."
+    "target", "", "tpu:v5e:2x4, tpu:v5litepod-16, tpu:v5p-1024x2, cuda:h100[:N], cpu[:N]; empty: shapes."
   )
-  flags.DEFINE_bool("suggest", False, "Search remat policy x per-device batch; print the best that fits.")
-  flags.DEFINE_bool(
-    "ladder", False, "Plan every rung (configs/gpt*.py) on --target, with the --config.* overrides."
+  flags.DEFINE_integer("num_slices", 1, "TPU slices of --target joined by the data-centre network.")
+  flags.DEFINE_bool("suggest", False, "Search mesh x remat x per-device batch; print the best that fits.")
+  flags.DEFINE_integer(
+    "saturation_tokens", 4096, "--suggest: tokens per device per microbatch that keep the chip busy."
   )
+  flags.DEFINE_bool("search_mesh", True, "--suggest also searches fsdp x tensor (else the config's mesh).")
+  flags.DEFINE_bool("ladder", False, "Plan every rung of --family on --target with the --config.* overrides.")
+  flags.DEFINE_string("family", "gpt2", f"--ladder's rungs: {', '.join(FAMILIES)} (configs/<rung>.py).")
   flags.DEFINE_bool("check", False, "Exit with status 3 if it does not fit (launch/* --preflight).")
   flags.DEFINE_bool("cross_check", True, "Also count FLOPs with XLA's cost analysis of unrolled models.")
+  flags.DEFINE_bool("roofline", True, "TPU / GPU targets: the step's roofline (two small extra compiles).")
+  flags.DEFINE_string(
+    "cache_dir",
+    "",
+    "--suggest's record of each compile, and JAX's compilation cache for CPU / CUDA "
+    "('' = ~/.cache/gpt_jax/plan_cache, 'none' = off).",
+  )
   sys.argv, _LADDER_OVERRIDES = split_ladder_overrides(sys.argv)
   os.environ["XLA_FLAGS"] = cpu_device_flags(sys.argv, os.environ.get("XLA_FLAGS", ""))
   cli.run(main)

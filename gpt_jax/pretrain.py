@@ -19,18 +19,20 @@ import jax.numpy as jnp
 import optax
 
 from gpt_jax import config as config_lib
-from gpt_jax import data, errors, eval_tasks, evaluate, model, paths, sample, sharding, train
+from gpt_jax import data, errors, eval_tasks, evaluate, loss, model, paths, sample, sharding, train
 from gpt_jax import tokenizer as tokenizer_lib
 
 
 def lm_loss_fn(model_cfg, *, document_mask_eot: int | None = None, reset_positions: bool = False):
-  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32.
+  """Next-token cross-entropy over `batch["tokens"]` [B, T+1], float32; with
+  model.loss_chunk, over the tied head in chunks (loss.py), never [B, T, V] at once.
 
   document_mask_eot: the <|endoftext|> id, to keep attention inside each
   document of a window (data.segments; data.document_mask), with positions
   restarting per document if reset_positions.
   """
   gpt = model.GPT(model_cfg)
+  m = gpt.cfg
 
   def loss_fn(params, batch, rng, deterministic):
     tokens_BT1 = batch["tokens"]
@@ -40,9 +42,18 @@ def lm_loss_fn(model_cfg, *, document_mask_eot: int | None = None, reset_positio
       kw["segment_ids_BT"], positions_BT = data.segments(inputs_BT, document_mask_eot)
       if reset_positions:
         kw["positions_BT"] = positions_BT
-    logits_BTV = gpt.apply(
-      {"params": params}, inputs_BT, deterministic=deterministic, rngs={"dropout": rng}, **kw
-    )
+    rngs = {"dropout": rng}
+    if m.loss_chunk:
+      h_BTD = gpt.apply(
+        {"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, lm_head=False, **kw
+      )
+      mask_BT = batch.get("mask", jnp.ones(h_BTD.shape[:2], jnp.float32))
+      nll_sum = loss.chunked_cross_entropy(
+        h_BTD, params["wte"], tokens_BT1[:, 1:], mask_BT,
+        chunk=m.loss_chunk, vocab_size=m.vocab_size, dtype=model.DTYPES[m.dtype],
+      )  # fmt: skip
+      return nll_sum, mask_BT.sum(), {}
+    logits_BTV = gpt.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs, **kw)
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
     mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
     return (nll_BT * mask_BT).sum(), mask_BT.sum(), {}
@@ -85,13 +96,15 @@ def _task(
 
 def pretrain_task(config, workdir: str, mesh) -> train.Task:
   """Language-model pretraining on config.data with the run's tokenizer."""
-  del mesh  # Batches are assembled onto the mesh by train.run.
   check_run_inputs(config)
   # Refuses a vocabulary larger than the model's. Written to the workdir by Task.pin, once
   # nothing can refuse the run (at once with several processes: the others wait for its files).
   tok = tokenizer_lib.for_run(config, workdir, pin=jax.process_count() > 1)
   pi, pc = jax.process_index(), jax.process_count()
-  train_iter = data.make_train_iterator(config, tok, workdir, process_index=pi, process_count=pc)
+  # A batch ramp reads the stream in units of train.ramp_unit sequences (train.batch_size without one).
+  unit = train.ramp_unit(config, mesh)
+  iter_config = config if unit == config.train.batch_size else _with_batch_size(config, unit)
+  train_iter = data.make_train_iterator(iter_config, tok, workdir, process_index=pi, process_count=pc)
   eval_bs = config.eval.batch_size or config.train.batch_size
   eval_batches = data.make_eval_batches(
     config,
@@ -163,6 +176,13 @@ def pretrain_task(config, workdir: str, mesh) -> train.Task:
     next_steps=next_steps(config, workdir),
     pin=lambda: tokenizer_lib.pin_tokenizer(tok, config, workdir),
   )
+
+
+def _with_batch_size(config, batch_size: int):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.batch_size = batch_size
+  return config
 
 
 def next_steps(config, workdir: str) -> tuple[str, ...]:

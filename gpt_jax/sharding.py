@@ -3,6 +3,15 @@
 Parameters carry logical axis names (model.py); `config.mesh.rules` maps them
 to the mesh axes `data`, `fsdp`, `tensor`. Changing FSDP / tensor-parallel
 layouts is a config change, not a code change.
+
+Multi-slice TPU jobs (devices with several `slice_index` values) get a hybrid
+mesh (jax.experimental.mesh_utils.create_hybrid_device_mesh): `mesh.data`,
+`mesh.fsdp` and `mesh.tensor` lay out the chips of one slice over its ICI,
+and `mesh.dcn_data` x `mesh.dcn_fsdp` the slices over the data-centre
+network, so the mesh's data axis is data x dcn_data and its fsdp axis fsdp x
+dcn_fsdp. Data parallelism then crosses slices (one gradient reduction per
+step over DCN) while FSDP's gathers and tensor parallelism stay inside a
+slice. The axes, and so the logical rules, are the same as on one slice.
 """
 
 from __future__ import annotations
@@ -13,12 +22,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt_jax import errors
 from gpt_jax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
+# Slices along the data and fsdp axes (multi-slice TPU jobs); -1 = all remaining slices.
+DCN_AXES = ("dcn_data", "dcn_fsdp")
+_DCN_DEFAULTS = {"dcn_data": -1, "dcn_fsdp": 1}
 
 
 def validate(config) -> None:
@@ -29,35 +42,71 @@ def validate(config) -> None:
       errors.fail(f"mesh.{a}", v, "must be a positive integer or -1 (all remaining devices)")
   if sum(config.mesh[a] == -1 for a in AXES) > 1:
     errors.fail("mesh", {a: config.mesh[a] for a in AXES}, "at most one of data/fsdp/tensor may be -1")
+  dcn = _dcn(config.mesh)
+  for a, v in zip(DCN_AXES, dcn):
+    if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+      errors.fail(f"mesh.{a}", v, "must be a positive integer or -1 (all remaining slices)")
+  if dcn.count(-1) > 1:
+    errors.fail("mesh", dict(zip(DCN_AXES, dcn)), "at most one of dcn_data/dcn_fsdp may be -1")
   if config.model.num_heads % max(config.mesh.tensor, 1):
     errors.fail("mesh.tensor", config.mesh.tensor, f"must divide model.num_heads={config.model.num_heads}")
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """Resolves the -1 axis; the product must equal the device count."""
-  sizes = [mesh_cfg[a] for a in AXES]
+def _dcn(mesh_cfg) -> list:
+  """[dcn_data, dcn_fsdp]; a config.json written before multi-slice meshes has neither."""
+  return [mesh_cfg.get(a, _DCN_DEFAULTS[a]) for a in DCN_AXES]
+
+
+def _resolve(sizes: list[int], total: int, names: tuple[str, ...], what: str) -> tuple[int, ...]:
+  """Gives the -1 entry what the others leave of `total`; their product must equal it."""
+  sizes = list(sizes)
   fixed = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if num_devices % fixed:
+    if total % fixed:
       raise ConfigError(
-        f"config.mesh={dict(zip(AXES, sizes))} cannot cover {num_devices} devices: "
-        f"{num_devices} is not divisible by {fixed}"
+        f"config.mesh={dict(zip(names, sizes))} cannot cover {total} {what}: "
+        f"{total} is not divisible by {fixed}"
       )
-    sizes[sizes.index(-1)] = num_devices // fixed
-  if int(np.prod(sizes)) != num_devices:
+    sizes[sizes.index(-1)] = total // fixed
+  if int(np.prod(sizes)) != total:
     raise ConfigError(
-      f"config.mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} "
-      f"must equal the number of devices ({num_devices}); set one axis to -1 to take the rest"
+      f"config.mesh {'*'.join(names)} = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} "
+      f"must equal the number of {what} ({total}); set one axis to -1 to take the rest"
     )
   return tuple(sizes)
 
 
+def mesh_shape(mesh_cfg, num_devices: int, what: str = "devices") -> tuple[int, int, int]:
+  """Resolves the -1 axis of data/fsdp/tensor; the product must equal the device count."""
+  names = ("data", "fsdp", "tensor")
+  return _resolve([mesh_cfg[a] for a in AXES], num_devices, names, what)
+
+
+def dcn_shape(mesh_cfg, num_slices: int) -> tuple[int, int, int]:
+  """Slices along (data, fsdp, tensor): dcn_data x dcn_fsdp must be the slice count."""
+  dcn = _resolve(_dcn(mesh_cfg), num_slices, DCN_AXES, "slices")
+  return (*dcn, 1)
+
+
+def num_slices(devices) -> int:
+  """TPU slices among `devices` (1 where devices have no slice_index: CPU, GPU)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  slices = num_slices(devices)
+  dcn = dcn_shape(mesh_cfg, slices)
+  what = "devices" if slices == 1 else f"devices in each of the {slices} slices"
+  ici = mesh_shape(mesh_cfg, len(devices) // slices, what)
   # Auto axes: sharding is propagated by XLA from our logical constraints
   # (jax.make_mesh defaults to Explicit axes, which logical rules don't drive).
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  if slices == 1:
+    return jax.make_mesh(ici, AXES, axis_types=auto, devices=devices)
+  # Each slice laid out over its ICI torus, the slices stacked along data / fsdp.
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return jax.sharding.Mesh(array, AXES, axis_types=auto)
 
 
 def rules(config) -> tuple:
@@ -134,7 +183,9 @@ def params_mesh(params):
 
 
 def describe(mesh) -> str:
-  return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" ({mesh.devices.size} devices)"
+  slices = num_slices(mesh.devices.flat)
+  where = f"{mesh.devices.size} devices" + (f" in {slices} slices" if slices > 1 else "")
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES) + f" ({where})"
 
 
 def log_undivided(logical_specs, abstract_tree, mesh, axis_rules) -> None:

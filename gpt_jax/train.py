@@ -22,6 +22,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -37,6 +38,7 @@ from gpt_jax import (
   model_config,
   optim,
   paths,
+  ramp,
   sharding,
 )
 from gpt_jax.errors import ConfigError, UserError
@@ -56,6 +58,20 @@ def validate(config) -> None:
     errors.fail(
       "train.seq_len", config.train.seq_len, f"must be <= model.block_size={config.model.block_size}"
     )
+  errors.non_negative(config, "train.batch_ramp_start", "train.batch_ramp_tokens")
+  if config.train.batch_ramp_tokens:
+    if not 0 < config.train.batch_ramp_start <= config.train.batch_size:
+      errors.fail(
+        "train.batch_ramp_start",
+        config.train.batch_ramp_start,
+        f"must be in [1, train.batch_size={config.train.batch_size}] with train.batch_ramp_tokens > 0",
+      )
+    if not optim.uses_tokens(config.optim):
+      errors.fail(
+        "train.batch_ramp_tokens",
+        config.train.batch_ramp_tokens,
+        "needs the learning-rate schedule in tokens (optim.warmup_tokens / optim.decay_tokens > 0)",
+      )
   errors.positive_int(config, "checkpoint.every_steps", "checkpoint.keep")
   errors.boolean(config, "checkpoint.async_save")
 
@@ -112,8 +128,13 @@ def _microbatches(batch, num: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1):
-  """Pure `train_step(state, batch) -> (state, metrics)`; jit it with donation."""
+def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1, opt_shardings=None):
+  """Pure `train_step(state, batch) -> (state, metrics)`; jit it with donation.
+
+  `opt_shardings` (optimiser state in host memory, `state_shardings(offload_opt=True)`):
+  the state's shardings; its moments are brought into device memory for the update
+  and written back to host memory after it.
+  """
 
   def grads_of(params, batch, rng):
     def f(p):
@@ -150,15 +171,23 @@ def make_train_step(loss_fn, tx, schedule, *, grad_accum_steps: int = 1):
     loss = loss_sum / weight
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if opt_shardings is not None:  # Host -> device, after the backward pass has freed its activations.
+      opt_state = jax.device_put(
+        opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"), opt_shardings)
+      )
+    updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     # A non-finite step changes nothing but the counters: params and
     # optimiser state (incl. its step count, hence the schedule) stay.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_opt_state = keep(new_opt_state, opt_state)
+    if opt_shardings is not None:
+      new_opt_state = jax.device_put(new_opt_state, opt_shardings)
     new_state = state.replace(
       step=state.step + 1,
       params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      opt_state=new_opt_state,
       bad_in_row=jnp.where(ok, 0, state.bad_in_row + 1),
       skipped=state.skipped + (~ok).astype(jnp.int32),
     )
@@ -186,15 +215,20 @@ def make_eval_step(loss_fn):
 # --------------------------------------------------------------- state set-up
 
 
-def state_shardings(task: Task, tx, mesh, axis_rules, seed: int):
-  """(abstract state with shardings, state shardings) — no memory allocated."""
+def state_shardings(task: Task, tx, mesh, axis_rules, seed: int, *, offload_opt: bool = False):
+  """(abstract state with shardings, state shardings) — no memory allocated.
+
+  offload_opt: the optimiser's moments live in host memory (memory kind
+  "pinned_host"), their HBM freed between steps (optim.offload_state).
+  """
   abs_params = jax.eval_shape(task.init_params, jax.random.key(seed))
   param_sh = sharding.logical_to_shardings(task.param_specs, abs_params, mesh, axis_rules)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   rep = sharding.replicated(mesh)
   # Adam moments mirror the params, so they take the params' shardings (FSDP
   # shards the optimiser state too); counters are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: rep)
+  moment = (lambda _, s: s.with_memory_kind("pinned_host")) if offload_opt else (lambda _, s: s)
+  opt_sh = optax.tree_map_params(tx, moment, abs_opt, param_sh, transform_non_params=lambda _: rep)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(
     step=scalar,
@@ -271,6 +305,26 @@ def check_batch(config, mesh) -> None:
     )
 
 
+def ramp_unit(config, mesh) -> int:
+  """Sequences the data iterator yields per step of a batch ramp (train.batch_ramp_tokens): every
+  stage's batch is a multiple of it, so data x fsdp, the accumulation steps and the processes
+  split each stage evenly. Without a ramp, train.batch_size: one batch a step, as before."""
+  tc = config.train
+  if not tc.batch_ramp_tokens:
+    return tc.batch_size
+  return math.lcm(int(mesh.shape["data"] * mesh.shape["fsdp"]) * tc.grad_accum_steps, jax.process_count())
+
+
+def batch_stages(config, mesh) -> list[ramp.Stage]:
+  """The run's batch per step as ramp stages (one stage without a ramp)."""
+  tc = config.train
+  seq = tc.seq_len or config.model.block_size
+  if not tc.batch_ramp_tokens:
+    return ramp.stages(tc.batch_size, seq)
+  unit = ramp_unit(config, mesh)
+  return ramp.stages(tc.batch_size, seq, tc.batch_ramp_start, tc.batch_ramp_tokens, multiple=unit)
+
+
 def build(task: Task, config, mesh) -> Program:
   """The train and eval steps of `task` on `mesh`, jitted with their shardings and donation.
 
@@ -278,12 +332,23 @@ def build(task: Task, config, mesh) -> Program:
   planner can compile the step for devices this machine does not have.
   """
   check_batch(config, mesh)
-  tx = optim.make_optimizer(config)
-  schedule = optim.lr_schedule(config.optim, config.train.num_steps)
-  abstract, shardings = state_shardings(task, tx, mesh, sharding.rules(config), config.train.seed)
+  # jit compiles one step per distinct batch shape: one per ramp stage (ramp.STAGES + 1 at most).
+  stages = batch_stages(config, mesh)
+  tx = optim.make_optimizer(config, stages)
+  schedule = optim.schedule(config, stages)
+  offload = config.optim.offload_state
+  abstract, shardings = state_shardings(
+    task, tx, mesh, sharding.rules(config), config.train.seed, offload_opt=offload
+  )
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
-    make_train_step(task.loss_fn, tx, schedule, grad_accum_steps=config.train.grad_accum_steps),
+    make_train_step(
+      task.loss_fn,
+      tx,
+      schedule,
+      grad_accum_steps=config.train.grad_accum_steps,
+      opt_shardings=shardings.opt_state if offload else None,
+    ),
     in_shardings=(shardings, batch_sh),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -425,6 +490,8 @@ def run(config, workdir: str, task_fn: Callable) -> dict:
     loading.check_params_source(config.init_from, config.model)
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
+  platform = mesh.devices.flat[0].platform
+  model.check_platform(config.model, platform, f"this run's {platform} devices")
   axis_rules = sharding.rules(config)
   with sharding.activate(mesh, axis_rules):
     task = task_fn(config, workdir, mesh)
@@ -528,6 +595,9 @@ class _Loop:
     self.last: dict = {}
     self.tokens_per_step = self.tc.batch_size * task.tokens_per_example
     self.flops_per_step, self.peak = self._flops(program)
+    # A batch ramp's steps take stage.batch_size sequences, as stage.batch_size / unit iterator batches.
+    self.stages, self.unit = batch_stages(config, mesh), ramp_unit(config, mesh)
+    self.sequences_run = 0
     self.started = time.perf_counter()
     self._new_window()
 
@@ -556,7 +626,7 @@ class _Loop:
     return flops_tok * self.tokens_per_step, peak
 
   def _new_window(self):
-    self.window_t, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+    self.window_t, self.window_steps, self.window_sequences, self.data_wait = time.perf_counter(), 0, 0, 0.0
 
   def run(self, state):
     tc, config = self.tc, self.config
@@ -615,7 +685,7 @@ class _Loop:
     trained = step - self.start
     lines = [f"finished {workdir}: step {step}, {trained} steps in {_duration(took)} this run"]
     if self.tokens_per_step:
-      tokens = self.tokens_per_step * trained
+      tokens = self.sequences_run * self.task.tokens_per_example
       lines[0] += f", {tokens / 1e6:.3g}M tokens at {tokens / max(took, 1e-9):,.0f} tokens/s"
     losses = [f"train loss {last['loss']:.4f}"] if "loss" in last else []
     if "eval_loss" in last:
@@ -637,7 +707,8 @@ class _Loop:
 
   def _step(self, state, step: int):
     t0 = time.perf_counter()
-    local = next(self.task.train_iter)
+    batch_size = ramp.stage_at(step, self.stages).batch_size
+    local = self._next_batch(batch_size)
     self.data_wait += time.perf_counter() - t0
     index = local.pop("index", None)
     local.pop("source", None)  # Which source of a mixture each row came from: not an input of the step.
@@ -645,7 +716,17 @@ class _Loop:
     self._settle()  # The previous step's metrics: by now the device is past it.
     self.pending = (step + 1, out, index)
     self.window_steps += 1
+    self.window_sequences += batch_size
+    self.sequences_run += batch_size
     return state
+
+  def _next_batch(self, batch_size: int) -> dict:
+    """This process's rows of a global batch of `batch_size` sequences: one iterator batch, or in a
+    ramp batch_size / unit of them, so the iterator's checkpoint is the exact data position."""
+    if batch_size == self.unit:
+      return next(self.task.train_iter)
+    parts = [next(self.task.train_iter) for _ in range(batch_size // self.unit)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def _settle(self) -> dict | None:
     """Reads the pending step's metrics; reports a skipped step; stops after too many in a row."""
@@ -675,8 +756,11 @@ class _Loop:
     record["skipped_steps"] = int(jax.device_get(state.skipped))
     record["steps_per_sec"] = self.window_steps / elapsed
     if self.tokens_per_step:
-      record["tokens_per_sec"] = self.tokens_per_step * self.window_steps / elapsed
-      record["mfu"] = self.flops_per_step * self.window_steps / elapsed / self.peak
+      full_steps = self.window_sequences / self.tc.batch_size  # Ramp steps are smaller.
+      record["tokens_per_sec"] = self.tokens_per_step * full_steps / elapsed
+      record["mfu"] = self.flops_per_step * full_steps / elapsed / self.peak
+    if self.tc.batch_ramp_tokens:
+      record["batch_size"] = self.window_sequences / self.window_steps
     record["data_wait_fraction"] = self.data_wait / elapsed
     self.writer.write(done, record)
     bar.set_postfix(

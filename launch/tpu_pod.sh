@@ -33,6 +33,20 @@
 # one line on stderr and exit 2, before anything is created or run (dry runs too).
 # The workdir must be a gs:// path (workers share no disk); gpt_jax writes it
 # through Orbax and etils.epath (gcsfs, installed with the requirements).
+#
+# Multi-slice jobs (several slices joined by the data-centre network, DCN; e.g.
+# 2 x v5p-1024) are not created by this script. Request the slices as one
+# queued resource, `gcloud compute tpus queued-resources create NAME
+# --zone=ZONE --accelerator-type=v5p-1024 --runtime-version=v2-alpha-tpuv5
+# --node-count=2 --node-prefix=NAME` (slices NAME-0, NAME-1), install this
+# checkout on every worker of every slice, and run the same `python3 -m
+# gpt_jax.main --config=... --config.mesh.dcn_data=2` on all of them (`gcloud
+# compute tpus tpu-vm ssh NAME-I --worker=all --command=...`, one per slice).
+# The TPU runtime sets MEGASCALE_COORDINATOR_ADDRESS / MEGASCALE_NUM_SLICES /
+# MEGASCALE_SLICE_ID on every host: jax.distributed joins all of them and the
+# devices carry their slice_index, so sharding.make_mesh lays data parallelism
+# over the slices (mesh.dcn_data, default -1 = all slices) and FSDP / tensor
+# inside each. Plan it first: python -m gpt_jax.plan --target=tpu:v5p-1024x2.
 set -euo pipefail
 
 usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }

@@ -287,7 +287,9 @@ def test_remat_matches_no_remat(debug_config):
   tokens_BT = _tokens(m)
   want_loss, want_grads = _loss_and_grads(m, params, tokens_BT)
   # Remat inside nn.scan (prevent_cse=False there) is what the large rungs run: check that pairing too.
-  for changes in ({"remat": "full"}, {"remat": "dots_saveable", "scan_layers": True}):
+  remats = [{"remat": "full"}, {"remat": "dots_saveable", "scan_layers": True}]
+  remats += [{"remat": "attention_saveable", "scan_layers": True}, {"remat": "dots_offloaded"}]
+  for changes in remats:
     got_params = layout.stack_blocks(params, m.num_layers) if changes.get("scan_layers") else params
     got_loss, got_grads = _loss_and_grads(_cfg(m, **changes), got_params, tokens_BT)
     assert got_loss == pytest.approx(want_loss, rel=1e-6), changes

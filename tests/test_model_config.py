@@ -126,6 +126,8 @@ def test_layer_windows_cycle_the_pattern_over_layers():
     ({"attention_impl": "cudnn", "dtype": "bfloat16", "num_heads": 8}, "num_heads"),  # head dim 4
     ({"kernel_layout": "transposed"}, "kernel_layout"),
     ({"few_row_head": 1}, "few_row_head"),
+    ({"loss_chunk": -1}, "loss_chunk"),
+    ({"loss_chunk": 12.5}, "loss_chunk"),
   ],
 )
 def test_every_invalid_value_is_named(changes, field):

@@ -2,10 +2,13 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import errors, model, optim
+from configs import gpt3_small
+from gpt_jax import config as config_lib
+from gpt_jax import errors, model, optim, ramp
 
 
 def test_lr_schedule_shape(debug_config):
@@ -98,3 +101,51 @@ def test_validate_names_the_field(debug_config, field, value, allowed):
 def test_min_lr_ratio_may_be_one(debug_config):
   debug_config.optim.min_lr_ratio = 1.0  # A constant rate after warmup, through the decay schedule.
   optim.validate(debug_config)
+
+
+# ------------------------------------------------------ schedule in tokens
+
+
+def test_token_schedule_equals_the_step_schedule_at_a_constant_batch(debug_config):
+  c = debug_config
+  c.optim.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  c.train.num_steps = 110
+  tokens_per_step = c.train.batch_size * c.model.block_size
+  by_steps = optim.lr_schedule(c.optim, 110)
+  c.optim.update(warmup_tokens=10 * tokens_per_step, decay_tokens=110 * tokens_per_step, warmup_steps=0)
+  by_tokens = optim.schedule(c)
+  for s in (0, 5, 10, 37, 60, 109, 110, 200):
+    assert float(by_tokens(jnp.int32(s))) == pytest.approx(float(by_steps(s)), abs=1e-6), s
+  c.optim.decay_tokens = 0  # The decay then ends at train.num_steps.
+  assert float(optim.schedule(c)(110)) == pytest.approx(0.1)
+
+
+def test_gpt3_small_schedule_in_tokens():
+  c = config_lib.validate(gpt3_small.get_config())
+  lr = optim.schedule(c)
+  tokens_per_step = 256 * 2048
+  at = lambda tokens: float(lr(jnp.int32(round(tokens / tokens_per_step))))
+  assert at(0) == 0.0
+  assert at(375e6) == pytest.approx(6e-4, rel=2e-3)  # Warmup ends at 375M tokens (715 steps).
+  assert at((375e6 + 260e9) / 2) == pytest.approx(6e-4 * 0.55, rel=1e-3)  # Half-way down the cosine.
+  assert at(260e9) == pytest.approx(6e-5, rel=1e-4) and at(300e9) == pytest.approx(6e-5)
+  # Inside jit, at the last step of 300B tokens: no int32 overflow on the way.
+  assert float(jax.jit(lr)(jnp.int32(c.train.num_steps))) == pytest.approx(6e-5)
+
+
+def test_token_schedule_follows_a_batch_ramp(debug_config):
+  """With a ramp, the rate at a step is the rate at the tokens consumed before it."""
+  c = debug_config
+  c.optim.update(lr=1.0, warmup_tokens=1000, decay_tokens=100_000, schedule="linear", min_lr_ratio=0.0)
+  table = ramp.stages(64, 32, 8, 4096, num_stages=4, multiple=8)
+  lr = optim.schedule(c, table)
+  by_tokens = optim.lr_at_tokens(c.optim, 100_000.0)
+  for step in range(0, table[-1].first_step + 5):
+    tokens = ramp.sequences_before(step, table) * 32
+    assert float(lr(jnp.int32(step))) == pytest.approx(float(by_tokens(tokens)), rel=1e-6)
+
+
+def test_decay_must_end_after_warmup(debug_config):
+  debug_config.optim.update(warmup_tokens=1000, decay_tokens=1000)
+  with pytest.raises(errors.ConfigError, match="optim.decay_tokens"):
+    optim.validate(debug_config)

@@ -6,6 +6,7 @@ plugin) and are skipped with the reason otherwise.
 """
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import debug
-from gpt_jax import cli, errors, model, optim, plan, pretrain, train
+from gpt_jax import aot, cli, errors, model, optim, plan, pretrain, suggest, targets, train
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
   ],
 )
 def test_tpu_names_map_to_topologies(name, topology):
-  assert plan.tpu_topology(name) == topology
+  assert targets.tpu_topology(name) == topology
 
 
 def test_parse_target():
@@ -81,13 +82,13 @@ def test_tpu_out_of_memory_messages_are_parsed():
     "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
     "Used 56.02G of 15.75G hbm. Exceeded hbm capacity by 40.27G."
   )
-  assert plan._parse_oom(msg) == ("total", pytest.approx(56.02 * 2**30), pytest.approx(15.75 * 2**30))
+  assert aot.parse_oom(msg) == ("total", pytest.approx(56.02 * 2**30), pytest.approx(15.75 * 2**30))
   msg = (
     "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
     "(24.29G) exceeds available HBM (15.75G)."
   )
-  assert plan._parse_oom(msg) == ("temporaries", pytest.approx(24.29 * 2**30), pytest.approx(15.75 * 2**30))
-  assert plan._parse_oom("INTERNAL: something else") is None
+  assert aot.parse_oom(msg) == ("temporaries", pytest.approx(24.29 * 2**30), pytest.approx(15.75 * 2**30))
+  assert aot.parse_oom("INTERNAL: something else") is None
 
 
 # ---------------------------------------------------------- cpu compile
@@ -130,14 +131,14 @@ def test_cudnn_attention_is_planned_for_gpu_targets_only():
   with pytest.raises(errors.ConfigError, match=r"runs on NVIDIA GPUs only, not --target=cpu:8"):
     plan.compile_plan(config, plan.parse_target("cpu:8"))
   # Shapes and the FLOPs formula need no cuDNN.
-  assert plan.plan(config)["params"] == plan.plan(_fsdp_debug())["params"]
+  assert aot.model_plan(config)["params"] == aot.model_plan(_fsdp_debug())["params"]
 
 
 def test_finetune_configs_say_what_is_planned():
-  p = plan.plan(cli.load_config(str(ROOT / "configs" / "finetune_rte.py")))
+  p = aot.model_plan(cli.load_config(str(ROOT / "configs" / "finetune_rte.py")))
   assert p["job_note"].startswith("job=finetune: planned as the language-model train step")
   assert "note: job=finetune" in plan.format_plan(p)
-  assert "job_note" not in plan.plan(cli.load_config(str(ROOT / "configs" / "gpt2_small.py")))
+  assert "job_note" not in aot.model_plan(cli.load_config(str(ROOT / "configs" / "gpt2_small.py")))
 
 
 def test_embedding_layout_reports_replicated_vocab_and_padding():
@@ -145,7 +146,7 @@ def test_embedding_layout_reports_replicated_vocab_and_padding():
   config.model.vocab_size = 321  # Not divisible by tensor=2.
   config.mesh.update(fsdp=4, tensor=2)
   mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  emb = plan.embedding_layout(config, mesh)
+  emb = aot.embedding_layout(config, mesh)
   assert emb["now"]["shape"] == [321, 32] and emb["now"]["spec"] == str(PartitionSpec(None, "fsdp"))
   assert any("wte" in note and "321" in note for note in emb["now"]["replicated_dims"])
   pad = emb["padded_128"]
@@ -172,15 +173,15 @@ def test_scan_is_counted_once_and_the_cross_check_matches_the_formula():
   # The trap the planner avoids: a scanned stack's cost counts one layer.
   assert lowered_flops(scanned_cfg) < 0.6 * unrolled
   # 1- and 2-layer lowerings extrapolate exactly to the 3-layer model...
-  assert plan.xla_flops_per_token(config)["xla_flops_per_token"] == pytest.approx(unrolled, rel=1e-6)
+  assert aot.xla_flops_per_token(config)["xla_flops_per_token"] == pytest.approx(unrolled, rel=1e-6)
   # ...which agrees with the PaLM formula up to the non-matmul work (softmax, LayerNorm, Adam).
-  formula = plan.plan(config)["flops_per_token"]
+  formula = aot.model_plan(config)["flops_per_token"]
   assert 1.0 <= unrolled / formula < 1.15
 
 
 def test_suggest_ranks_batch_until_saturation_then_less_recompute():
-  def trial(remat, seqs, fits=True):
-    return {"remat": remat, "sequences_per_device": seqs, "fits": fits}
+  def trial(remat, seqs, fits=True, tensor=1):
+    return {"remat": remat, "sequences_per_device": seqs, "fits": fits, "mesh": {"tensor": tensor}}
 
   trials = [
     trial("none", 1),
@@ -190,73 +191,142 @@ def test_suggest_ranks_batch_until_saturation_then_less_recompute():
     trial("full", 16),
   ]
   # 4 x 1024 tokens saturate: dots_saveable at 4 beats full remat at 16.
-  assert plan.best_setting(trials, 1024, 4096) is trials[2]
+  assert suggest.best_setting(trials, 1024, 4096) is trials[2]
   # Below saturation the larger batch wins despite the recompute.
-  assert plan.best_setting(trials, 1024, 16384) is trials[4]
-  assert plan.best_setting([trial("full", 1, fits=False)], 1024, 4096) is None
+  assert suggest.best_setting(trials, 1024, 16384) is trials[4]
+  assert suggest.best_setting([trial("full", 1, fits=False)], 1024, 4096) is None
+  # Same tokens and recompute: less tensor parallelism (fewer activation all-reduces) wins.
+  pair = [trial("none", 4, tensor=2), trial("none", 4)]
+  assert suggest.best_setting(pair, 1024, 4096) is pair[1]
 
 
-def test_suggest_doubles_the_batch_per_policy_until_it_does_not_fit(monkeypatch):
-  # A memory model instead of compiles: fixed bytes + bytes per sequence,
-  # less activation memory the more a policy recomputes.
-  per_seq = {"none": 5.0, "dots_saveable": 2.0, "full": 0.5}
-  calls = []
+def _memory_model(calls, per_seq, capacity=16.0):
+  """A compile_plan stand-in: fixed bytes + bytes per sequence (fewer the more a policy
+  recomputes, and split over tensor parallelism)."""
 
   def fake_compile(config, target, devices):
-    seqs = config.train.batch_size // config.train.grad_accum_steps // 8
-    calls.append((config.model.remat, seqs, config.train.grad_accum_steps))
-    needed = 4.0 + per_seq[config.model.remat] * seqs
-    return {
-      "remat": config.model.remat,
-      "sequences_per_device": seqs,
-      "fits": needed <= 16.0,
-      "needed_bytes": needed,
-      "compile_seconds": 0.0,
-    }
+    dp = config.mesh.data * config.mesh.fsdp
+    seqs = config.train.batch_size // config.train.grad_accum_steps // dp
+    mesh = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+    calls.append((mesh["tensor"], config.model.remat, seqs, config.train.grad_accum_steps))
+    needed = 4.0 + per_seq[config.model.remat] * seqs / mesh["tensor"]
+    return {"remat": config.model.remat, "sequences_per_device": seqs, "mesh": mesh,
+            "fits": needed <= capacity, "needed_bytes": needed,
+            "grad_accum_steps": config.train.grad_accum_steps, "compile_seconds": 0.0}  # fmt: skip
 
-  monkeypatch.setattr(plan, "compile_plan", fake_compile)
+  return fake_compile
+
+
+def test_suggest_bisects_the_batch_and_stops_at_saturation(monkeypatch, tmp_path):
+  per_seq = {"none": 5.0, "dots_saveable": 2.0, "attention_saveable": 1.0, "full": 0.5}
+  calls = []
+  monkeypatch.setattr(aot, "compile_plan", _memory_model(calls, per_seq))
   config = _fsdp_debug()
-  config.train.batch_size = 256  # 32 sequences per device at most.
-  result = plan.suggest(config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, log=lambda s: None)
+  config.train.batch_size = 256  # 32 sequences per device on fsdp 8.
+  lines = []
+  result = suggest.suggest(config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, log=lines.append)
+  # heads 4 and d_model 32 on 8 devices: fsdp 8, fsdp 4 x tensor 2, fsdp 2 x tensor 4.
+  assert [m["tensor"] for m in suggest.mesh_candidates(config, plan.parse_target("cpu:8"))] == [1, 2, 4]
+  # Saturation (8 sequences of 32 tokens) under each policy, least recompute first: on fsdp 8
+  # attention_saveable is the first to fit (12 <= 16); full remat is never compiled. Tensor
+  # parallelism splits the bytes per sequence: on fsdp 4 x tensor 2 dots_saveable fits (12), on
+  # fsdp 2 x tensor 4 "none" does (14) and wins (no recompute beats less tensor parallelism).
   assert calls == [
-    ("none", 1, 32), ("none", 2, 16), ("none", 4, 8),  # 24 > 16: stop
-    ("dots_saveable", 1, 32), ("dots_saveable", 2, 16), ("dots_saveable", 4, 8), ("dots_saveable", 8, 4),
-    ("full", 1, 32), ("full", 2, 16), ("full", 4, 8), ("full", 8, 4), ("full", 16, 2), ("full", 32, 1),
+    (1, "none", 8, 4), (1, "dots_saveable", 8, 4), (1, "attention_saveable", 8, 4),
+    (2, "none", 8, 8), (2, "dots_saveable", 8, 8),
+    (4, "none", 8, 16),
   ]  # fmt: skip
-  # Saturation at 8 sequences of 32 tokens: only full remat gets there (dots_saveable
-  # stops at 4); then the larger batch of the two that fit.
-  assert (result["best"]["remat"], result["best"]["sequences_per_device"]) == ("full", 16)
+  best = result["best"]
+  assert (best["mesh"]["tensor"], best["remat"], best["sequences_per_device"]) == (4, "none", 8)
+  assert best == suggest.best_setting(result["trials"], 32, 8 * 32)
 
-  # 24 sequences a device: after the powers of two that divide it, the whole batch (no accumulation).
+  # A plan saturating with no recompute on the first mesh: the other meshes compile nothing.
   calls.clear()
-  config.train.batch_size = 8 * 24
-  plan.suggest(config, plan.parse_target("cpu:8"), log=lambda s: None)
-  full = [c for c in calls if c[0] == "full"]
-  assert full == [("full", 1, 24), ("full", 2, 12), ("full", 4, 6), ("full", 8, 3), ("full", 24, 1)]
-  # A global batch the data-parallel devices cannot split is named as such (nothing compiles).
+  per_seq["none"] = 1.0
+  suggest.suggest(config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, log=lines.append)
+  assert calls == [(1, "none", 8, 4)]
+  per_seq["none"] = 5.0
+
+  # A repeated search reads each compile's record from the cache: nothing is compiled again.
   calls.clear()
-  config.train.batch_size = 4
-  with pytest.raises(UserError, match=r"train.batch_size=4 must be a multiple of data x fsdp = 8"):
-    plan.suggest(config, plan.parse_target("cpu:8"), log=lambda s: None)
+  kwargs = dict(saturation_tokens=8 * 32, cache_dir=str(tmp_path / "cache"), log=lines.append)
+  first = suggest.suggest(config, plan.parse_target("cpu:8"), **kwargs)
+  assert len(calls) == 6
+  again = suggest.suggest(config, plan.parse_target("cpu:8"), **kwargs)
+  assert len(calls) == 6 and again["best"] == {**first["best"], "cached": True}
+  assert lines[-1].endswith("left") and "(cached)" in lines[-1]
+
+  # Nothing fits at saturation: bisect below it with full remat, then the lighter policies there.
+  calls.clear()
+  per_seq.update(full=1.6, attention_saveable=1.8)
+  result = suggest.suggest(
+    config, plan.parse_target("cpu:8"), saturation_tokens=8 * 32, search_mesh=False, log=lines.append
+  )
+  assert calls == [
+    (1, "none", 8, 4), (1, "dots_saveable", 8, 4), (1, "attention_saveable", 8, 4), (1, "full", 8, 4),
+    (1, "full", 2, 16), (1, "full", 4, 8),  # 4 + 1.6 x 4 fits; 8 did not.
+    (1, "none", 4, 8), (1, "dots_saveable", 4, 8),  # 24 does not fit, 12 does.
+  ]  # fmt: skip
+  assert (result["best"]["remat"], result["best"]["sequences_per_device"]) == ("dots_saveable", 4)
+  assert all("so far" in line and "left" in line for line in lines if line.startswith("  ["))
+
+  # A global batch that no mesh's data-parallel devices split is named as such (nothing compiles).
+  calls.clear()
+  config.train.batch_size = 1
+  with pytest.raises(UserError, match=r"train.batch_size=1 splits over none of the meshes"):
+    suggest.suggest(config, plan.parse_target("cpu:8"), log=lambda s: None)
   assert calls == []
+
+
+def test_suggest_batch_sizes_and_slices():
+  assert suggest.batch_sizes(24 * 8, 8) == [1, 2, 4, 8, 24]
+  assert suggest.batch_sizes(32 * 8, 8) == [1, 2, 4, 8, 16, 32]
+  config = config_lib.validate(cli.load_config(str(ROOT / "configs" / "gpt3_175b.py")))
+  two = targets.parse_target("tpu:v5p-1024x2")
+  assert (two.num_devices, two.num_slices, two.topology) == (1024, 2, "v5p:8x8x8")
+  assert targets.parse_target("tpu:v5p-1024", num_slices=2) == dataclasses.replace(two, spec="tpu:v5p-1024")
+  meshes = suggest.mesh_candidates(config, two)
+  # 96 heads, d_model 12288 on 512 chips a slice: tensor 1, 2, 4, 8, 16 (32 does not divide 96 heads... it
+  # does not divide 512 / 16 either way: capped at 16); data over the slices.
+  assert [m["tensor"] for m in meshes] == [1, 2, 4, 8, 16]
+  assert all(m["fsdp"] * m["tensor"] == 512 and m["dcn_data"] == -1 for m in meshes)
+
+
+def test_suggested_plan_is_one_check_accepts():
+  r = _run_plan("--config=configs/debug.py", "--target=cpu:8", "--suggest", "--json", "--cache_dir=none")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(r.stdout)
+  best, flags = result["best"], result["flags"]
+  assert best["fits"] and "[1] fsdp=8" in r.stderr and "left" in r.stderr  # Progress with an ETA.
+  r = _run_plan("--config=configs/debug.py", "--target=cpu:8", "--check", "--json", "--nocross_check", *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  p = json.loads(r.stdout)
+  assert p["fits"] and p["mesh"] == best["mesh"] and p["remat"] == best["remat"]
+  assert p["sequences_per_device"] == best["sequences_per_device"]
 
 
 def test_ladder_applies_the_overrides_to_every_rung(monkeypatch):
   seen = []
 
-  def fake_plan_target(config, target, cross_check):
+  def fake_plan_target(config, target, cross_check, with_roofline):
     seen.append((config.model.num_layers, config.mesh.fsdp, config.mesh.data))
-    return {**plan.plan(config), "mesh": dict(config.mesh), "remat": config.model.remat,
+    return {**aot.model_plan(config), "mesh": dict(config.mesh), "remat": config.model.remat,
             "sequences_per_device": 1, "params_bytes": 1, "opt_state_bytes": 2, "temp_bytes": 3,
-            "needed_bytes": 6, "fits": True, "compile_seconds": 0.0}  # fmt: skip
+            "needed_bytes": 6, "fits": True, "compile_seconds": 0.0, "memory_per_device_bytes": 16,
+            "left_bytes": 10}  # fmt: skip
 
   monkeypatch.setattr(plan, "plan_target", fake_plan_target)
-  monkeypatch.setattr(plan, "RUNGS", ("debug", "gpt2_small"))
+  monkeypatch.setitem(plan.FAMILIES, "gpt2", ("debug", "gpt2_small"))
   rows = plan.ladder(plan.parse_target("cpu:8"), ["--config.mesh.fsdp=8", "--config.mesh.data=1"],
                      str(ROOT / "configs"), log=lambda s: None)  # fmt: skip
   assert seen == [(2, 8, 1), (12, 8, 1)]
   table = plan.format_ladder(rows).splitlines()
   assert table[2].startswith("debug") and table[3].startswith("gpt2_small") and "124M" in table[3]
+  assert "1 x 8 x 1" in table[3] and "left 10 B" in table[3]
+  # Every rung of every family is a config file; the GPT-3 family in Table 2.1's order.
+  for family, rungs in plan.FAMILIES.items():
+    assert all((ROOT / "configs" / f"{r}.py").is_file() for r in rungs), family
+  assert plan.FAMILIES["gpt3"][-1] == "gpt3_175b"
 
 
 def test_cli_makes_the_fake_cpu_devices_its_target_names():
@@ -348,6 +418,26 @@ def test_tpu_compile_only_plan_and_its_hard_memory_check():
   r = _run_plan("--config=configs/debug.py", "--target=tpu:v5e:2x2", big, "--nocross_check", "--check")
   assert r.returncode == 3, r.stderr[-3000:]
   assert "DOES NOT FIT" in r.stdout and "ran out of HBM" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not HAS_LIBTPU, reason="libtpu not installed (pip install libtpu, or set TPU_LIBRARY_PATH)"
+)
+def test_tpu_multi_slice_plan_has_data_across_slices_and_a_roofline():
+  args = ["--config=configs/debug.py", "--target=tpu:v5litepod-8x2", "--json", "--nocross_check"]
+  args += ["--config.train.batch_size=32", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--cache_dir=none"]
+  r = _run_plan(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "could not determine TPU accelerator type" not in r.stderr
+  p = json.loads(r.stdout)
+  assert p["devices"] == 16 and p["fits"]
+  assert p["mesh"] == {"data": 2, "fsdp": 8, "tensor": 1, "slices": 2, "dcn_data": 2, "dcn_fsdp": 1}
+  roof = p["roofline"]
+  # The gradients cross the slices once a step (megascale transfers), FSDP's gathers stay on ICI.
+  assert roof["collectives"]["dcn"]["count"] > 0 and roof["collectives"]["all-gather"]["count"] > 0
+  assert roof["dcn_bytes_per_chip"] > 0 and roof["ici_bytes_per_chip"] > 0
+  assert 0 < roof["mfu_bound"] < 1 and roof["step_seconds"] == max(roof["seconds"].values())
 
 
 @pytest.mark.slow

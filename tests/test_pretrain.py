@@ -184,3 +184,28 @@ def test_a_mixture_run_resumes_exactly(debug_config, tmp_path):
   losses(tmp_path / "stopped", 2)
   resumed = losses(tmp_path / "stopped", 4)
   assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]  # bitwise: same batches, same order
+
+
+def test_a_batch_ramp_run_resumes_exactly(debug_config, tmp_path):
+  """GPT-3's ramp through the real data iterator (read in units of data x fsdp sequences): the
+  stages' batches, and a run stopped inside the ramp logs the uninterrupted losses bitwise."""
+  seq = debug_config.model.block_size
+  debug_config.train.update(batch_size=24, batch_ramp_start=8, batch_ramp_tokens=48 * seq)
+  debug_config.train.compilation_cache_dir = str(tmp_path / "jax_cache")
+  debug_config.optim.update(warmup_tokens=16 * seq, decay_tokens=1000 * seq)
+  debug_config.checkpoint.every_steps = 4
+  debug_config.eval.every_steps = 0
+  debug_config.log.every_steps = 1
+  debug_config.sample.num_samples = 0
+
+  def records(workdir, num_steps):
+    debug_config.train.num_steps = num_steps
+    pretrain.run(config_lib.validate(debug_config), str(workdir))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["batch_size"]) for r in rows if "loss" in r}
+
+  whole = records(tmp_path / "whole", 6)
+  assert [whole[s][1] for s in range(1, 7)] == [8, 8, 8, 16, 16, 24]  # 8 devices: multiples of 8.
+  records(tmp_path / "stopped", 4)  # Inside the 16-sequence stage.
+  resumed = records(tmp_path / "stopped", 6)
+  assert [resumed[s] for s in (5, 6)] == [whole[s] for s in (5, 6)]

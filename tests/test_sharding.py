@@ -135,3 +135,44 @@ def test_validate_names_the_field(debug_config, mesh, message):
 def test_validate_accepts_one_minus_one_and_whole_heads(debug_config):
   debug_config.mesh.update(data=-1, fsdp=2, tensor=4)
   sharding.validate(debug_config)
+
+
+# ------------------------------------------------------------ multi-slice
+
+
+def test_slices_are_laid_out_along_data_and_fsdp():
+  def cfg(**dcn):
+    c = _mesh_cfg(1, -1, 1)
+    c.update(dcn)
+    return c
+
+  # Default: data parallelism over all the slices; one slice (or none: CPU, GPU) resolves to 1.
+  assert sharding.dcn_shape(_mesh_cfg(1, -1, 1), 4) == (4, 1, 1)  # A config without the fields.
+  assert sharding.dcn_shape(cfg(dcn_data=-1, dcn_fsdp=1), 1) == (1, 1, 1)
+  assert sharding.dcn_shape(cfg(dcn_data=2, dcn_fsdp=-1), 8) == (2, 4, 1)
+  with pytest.raises(ConfigError) as e:
+    sharding.dcn_shape(cfg(dcn_data=2, dcn_fsdp=1), 1)
+  assert str(e.value) == (
+    "config.mesh dcn_data*dcn_fsdp = 2*1 = 2 must equal the number of slices (1); "
+    "set one axis to -1 to take the rest"
+  )
+  assert sharding.num_slices(jax.devices()) == 1
+
+
+@pytest.mark.parametrize(
+  "dcn, message",
+  [
+    ((0, 1), "config.mesh.dcn_data=0 is invalid: must be a positive integer or -1 (all remaining slices)"),
+    (
+      (1, 1.5),
+      "config.mesh.dcn_fsdp=1.5 is invalid: must be a positive integer or -1 (all remaining slices)",
+    ),
+    ((-1, -1), "config.mesh={'dcn_data': -1, 'dcn_fsdp': -1} is invalid: at most one of dcn_data/dcn_fsdp"),
+  ],
+)
+def test_validate_names_the_dcn_field(debug_config, dcn, message):
+  with debug_config.mesh.ignore_type():
+    debug_config.mesh.update(dcn_data=dcn[0], dcn_fsdp=dcn[1])
+  with pytest.raises(errors.ConfigError) as e:
+    sharding.validate(debug_config)
+  assert str(e.value).startswith(message)

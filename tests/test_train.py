@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint, loading, model, optim, pretrain, sharding, train
+from gpt_jax import checkpoint, loading, model, optim, pretrain, ramp, sharding, train
 from gpt_jax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,6 +168,69 @@ def test_resume_onto_another_mesh(debug_config, tmp_path):
   got = train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
   assert got["step"] == 4
   np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
+
+
+def test_offloaded_optimizer_state_trains_and_resumes_alike(debug_config, tmp_path):
+  """optim.offload_state keeps Adam's moments in host memory (pinned_host): same losses, and
+  its checkpoints restore (into host memory again)."""
+  debug_config.checkpoint.every_steps = 2
+  debug_config.eval.every_steps = 0
+  debug_config.train.num_steps = 4
+  debug_config.mesh.update(data=2, fsdp=4, tensor=1)
+  data = _tokens(debug_config, rows=32)
+  ref = train.run(debug_config, str(tmp_path / "ref"), task_fn=_fake_task(data, 8))
+  debug_config.optim.offload_state = True
+  mesh = sharding.make_mesh(debug_config.mesh)
+  task = _fake_task(data, 8)(debug_config, "", mesh)
+  program = train.build(task, debug_config, mesh)
+  mu = program.shardings.opt_state[1][0].mu["block_0"]["mlp"]["c_fc"]["kernel"]
+  assert mu.memory_kind == "pinned_host" and mu.spec[0] == "fsdp"
+  assert program.shardings.params["wte"].memory_kind == "device"
+  debug_config.train.num_steps = 2
+  train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  debug_config.train.num_steps = 4
+  got = train.run(debug_config, str(tmp_path / "run"), task_fn=_fake_task(data, 8))
+  assert got["step"] == 4
+  np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-6)
+
+
+def test_batch_ramp_follows_its_stages_and_resumes_mid_ramp_bit_identical(debug_config, tmp_path):
+  """GPT-3's batch ramp: each step takes its stage's batch (read as unit-sized iterator batches),
+  the logged lr is the token schedule at the sequences consumed, and a run stopped inside the
+  ramp resumes to exactly the uninterrupted run's parameters."""
+  c = debug_config
+  c.mesh.update(data=2, fsdp=4, tensor=1)  # Ramp stages are multiples of data x fsdp = 8.
+  seq = c.model.block_size
+  c.train.update(batch_size=32, batch_ramp_start=8, batch_ramp_tokens=64 * seq, num_steps=8)
+  # decay_tokens fixed: the schedule must not depend on where a run stops.
+  c.optim.update(warmup_tokens=40 * seq, decay_tokens=1000 * seq)
+  c.checkpoint.every_steps = 2
+  c.eval.every_steps = 0
+  c.log.every_steps = 1
+  data = _tokens(c, rows=64)
+  mesh = sharding.make_mesh(c.mesh)
+  stages = train.batch_stages(c, mesh)
+  assert train.ramp_unit(c, mesh) == 8
+  assert [(s.first_step, s.batch_size) for s in stages] == [(0, 8), (3, 16), (5, 24), (6, 32)]
+  task_fn = lambda config, workdir, mesh: _fake_task(data, train.ramp_unit(config, mesh))(
+    config, workdir, mesh
+  )
+  train.run(c, str(tmp_path / "ref"), task_fn=task_fn)
+  rows = [json.loads(line) for line in open(tmp_path / "ref" / "metrics.jsonl")]
+  rows = [r for r in rows if "loss" in r]
+  assert [r["batch_size"] for r in rows] == [8, 8, 8, 16, 16, 24, 32, 32]
+  lr = optim.lr_at_tokens(c.optim, 1000 * seq)
+  expected = [float(lr(ramp.sequences_before(s, stages) * seq)) for s in range(8)]
+  np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-6)
+  # Stop at step 4, inside the 16-sequence stage, then resume to the end.
+  c.train.num_steps = 4
+  train.run(c, str(tmp_path / "run"), task_fn=task_fn)
+  c.train.num_steps = 8
+  train.run(c, str(tmp_path / "run"), task_fn=task_fn)
+  assert _metrics(tmp_path / "ref") == _metrics(tmp_path / "run")
+  _, p_ref = loading.load_params(str(tmp_path / "ref"))
+  _, p_run = loading.load_params(str(tmp_path / "run"))
+  jax.tree.map(np.testing.assert_array_equal, p_ref, p_run)
 
 
 def test_workdir_with_other_model_shape_is_refused(debug_config, tmp_path):
