@@ -176,7 +176,7 @@ def test_host_local_token_cache_is_built_once_per_host(debug_config, bucket, mon
   debug_config.data.data_dir = str(tmp_path / "data") if data_dir else ""
   builds = []
 
-  def slow_build(data_cfg, tokenizer, directory):
+  def slow_build(data_cfg, tokenizer, directory, *args, **kwargs):
     builds.append(threading.get_ident())
     time.sleep(0.5)
     directory.mkdir(parents=True)
