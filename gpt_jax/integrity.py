@@ -268,12 +268,20 @@ def _raised_in_orbax(exc) -> bool:
   return False
 
 
+# A TensorStore error message: the spec it dumps, or the OCDBT file it failed on.
+_TENSORSTORE_ERROR = re.compile(r"tensorstore_spec=|in OCDBT database at ")
+
+
 class _AsyncioFilter(py_logging.Filter):
-  """Drops asyncio's 'Task exception was never retrieved' (with a TensorStore spec dump) of
-  the reads Orbax abandoned when another read of the same restore failed."""
+  """Drops asyncio's 'Task (Future) exception was never retrieved' (with a TensorStore spec dump)
+  of the reads Orbax abandoned when another read of the same restore failed. A Future that
+  TensorStore completed carries no Python frames of Orbax: its message tells it apart."""
 
   def filter(self, record) -> bool:
-    return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
+    if not record.exc_info or record.exc_info[1] is None:
+      return True
+    exc = record.exc_info[1]
+    return not (_raised_in_orbax(exc) or _TENSORSTORE_ERROR.search(str(exc)))
 
 
 _orbax_filter = _OrbaxFilter()

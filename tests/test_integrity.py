@@ -337,6 +337,33 @@ def test_closed_loop_noise_is_dropped_and_other_unraisables_are_not(monkeypatch)
   assert [type(u.exc_value) for u in seen] == [ValueError]
 
 
+def test_abandoned_tensorstore_reads_are_dropped_from_asyncio_and_other_errors_are_not():
+  # An abandoned read's Future, completed by TensorStore (no Orbax frames), is logged by asyncio
+  # as "Future exception was never retrieved", possibly after the restore has returned.
+  tensorstore = ValueError(
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error reading "params.wte/.zarray" in OCDBT '
+    'database at local file "/w/checkpoints/2/state/" [tensorstore_spec=\'{"driver":"cast"}\']'
+  )
+  keep = [ValueError("a real problem"), RuntimeError("in OCDBT")]
+
+  def record(exc):
+    return logging.LogRecord(
+      "asyncio",
+      logging.ERROR,
+      __file__,
+      1,
+      "Future exception was never retrieved",
+      None,
+      (type(exc), exc, None),
+    )
+
+  integrity.install_restore_noise_filters()
+  f = integrity._asyncio_filter
+  assert not f.filter(record(tensorstore))
+  assert all(f.filter(record(e)) for e in keep)
+  assert f.filter(logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "no exception", None, None))
+
+
 def test_orbax_info_lines_are_dropped_and_kept_on_request(tmp_path, caplog):
   tree = {"w": np.arange(4.0, dtype=np.float32)}
   with ocp.StandardCheckpointer() as ckptr:
